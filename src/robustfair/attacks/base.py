@@ -1,0 +1,134 @@
+"""The attack base class, ε broadcasting and the one projection routine."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+
+class AttackParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def as_eps(eps: float | Tensor, x: Tensor) -> Tensor:
+    """Return ε as a tensor broadcastable to ``x``: scalar → (1,…), (N,) → (N,1,…), x-shaped as is."""
+    e = torch.as_tensor(eps, dtype=x.dtype if x.is_floating_point() else torch.float32,
+                        device=x.device)
+    if e.dim() == 0:
+        return e.reshape([1] * x.dim())
+    if e.shape == x.shape:
+        return e
+    if e.dim() == 1 and e.shape[0] == x.shape[0]:
+        return e.reshape([-1] + [1] * (x.dim() - 1))
+    if e.dim() == x.dim() and all(a in (1, b) for a, b in zip(e.shape, x.shape, strict=True)):
+        return e
+    raise ValueError(f"eps of shape {tuple(e.shape)} does not fit inputs of shape {tuple(x.shape)}")
+
+
+def per_sample(e: Tensor, x: Tensor) -> Tensor:
+    """Per-sample radius (N,) from a broadcastable ε; ℓ2 needs one radius per sample."""
+    if e.numel() > 1 and e.flatten(1).shape[1] > 1 and e.shape[0] == x.shape[0]:
+        flat = e.flatten(1)
+        if not torch.all(flat == flat[:, :1]):
+            raise ValueError("the l2 norm takes a scalar or per-sample eps, not a per-element map")
+        return flat[:, 0]
+    return e.flatten().expand(x.shape[0]) if e.numel() == 1 else e.flatten()
+
+
+def lp_norm(d: Tensor, norm: str) -> Tensor:
+    flat = d.flatten(1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(p=2, dim=1)
+
+
+def project(delta: Tensor, eps: Tensor, norm: str) -> Tensor:
+    """Project δ onto the ε-ball (ℓ∞: elementwise box, so ε may be a per-element map; ℓ2: ball
+    of per-sample radius)."""
+    if norm == "linf":
+        return torch.maximum(torch.minimum(delta, eps), -eps)
+    if norm == "l2":
+        r = per_sample(eps, delta)
+        n = delta.flatten(1).norm(p=2, dim=1)
+        factor = torch.clamp(r / (n + 1e-12), max=1.0)
+        return delta * factor.view([-1] + [1] * (delta.dim() - 1))
+    raise ValueError(f"unknown norm {norm!r}")
+
+
+def ascent_direction(grad: Tensor, norm: str) -> Tensor:
+    """Steepest-ascent direction of unit size: sign (ℓ∞) or normalised gradient (ℓ2)."""
+    if norm == "linf":
+        return grad.sign()
+    n = grad.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+    return grad / n.view([-1] + [1] * (grad.dim() - 1))
+
+
+def random_init(x: Tensor, eps: Tensor, norm: str, generator: torch.Generator | None = None
+                ) -> Tensor:
+    """A uniform random point of the ε-ball (ℓ∞: uniform in the box; ℓ2: uniform in the ball)."""
+    if norm == "linf":
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (2 * u - 1) * eps
+    g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    g = g / g.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view([-1] + [1] * (x.dim() - 1))
+    d = x[0].numel()
+    u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
+    r = per_sample(eps, x) * u
+    return g * r.view([-1] + [1] * (x.dim() - 1))
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, train: bool = False) -> Iterator[None]:
+    """Put the model in eval (or train) mode and restore every submodule's mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def input_grad(loss: Tensor, x: Tensor) -> Tensor:
+    """∂loss/∂x without touching any parameter's ``.grad``."""
+    (g,) = torch.autograd.grad(loss, [x])
+    return g
+
+
+class Attack:
+    """Base class. Subclasses set ``Params`` and implement :meth:`perturb`.
+
+    Call as ``attack(model, x, y, eps)``; ``step_size`` may be passed (scalar or broadcastable
+    tensor) to override the attack's own step size, e.g. to scale it with a per-class ε."""
+
+    Params: ClassVar[type[BaseModel]] = AttackParams
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    spec: str = ""
+
+    def __init__(self, params: BaseModel | None = None, **kw: Any) -> None:
+        self.params = params if params is not None else self.Params(**kw)
+        for k, v in self.params.model_dump().items():
+            setattr(self, k, v)
+
+    @property
+    def name(self) -> str:
+        return self.spec or getattr(self, "registered_name", type(self).__name__.lower())
+
+    def describe(self) -> dict[str, Any]:
+        return {"attack": self.name, **self.params.model_dump()}
+
+    def __call__(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor,
+        step_size: float | Tensor | None = None,
+    ) -> Tensor:
+        e = as_eps(eps, x)
+        with eval_mode(model), torch.enable_grad():
+            x_adv = self.perturb(model, x.detach(), y, e, step_size)
+        return x_adv.detach()
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, eps: Tensor,
+                step_size: float | Tensor | None) -> Tensor:
+        raise NotImplementedError  # abstract

@@ -1,0 +1,147 @@
+"""Clean (no attack), FGSM, PGD, CW-ℓ∞ and the TRADES KL attack."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from . import ATTACKS
+from .base import Attack, AttackParams, ascent_direction, input_grad, project, random_init
+
+
+@ATTACKS.register("clean")
+class Clean(Attack):
+    """No attack: the natural images (clean accuracy)."""
+
+    def perturb(self, model, x, y, eps, step_size):  # type: ignore[override]
+        return x
+
+
+def cw_margin(logits: Tensor, y: Tensor, kappa: float = 0.0) -> Tensor:
+    """Per-sample CW margin max_{j≠y} z_j − z_y, clamped below at −κ (ascent makes it positive)."""
+    onehot = F.one_hot(y, logits.shape[1]).bool()
+    z_y = logits[onehot]
+    other = logits.masked_fill(onehot, float("-inf")).amax(1)
+    return torch.clamp(other - z_y, min=-kappa)
+
+
+class IterativeParams(AttackParams):
+    norm: Literal["linf", "l2"] = "linf"
+    steps: int = Field(10, ge=1, le=100_000)
+    step_size: float | None = Field(
+        None, gt=0, description="absolute step; None: 2.5·eps/steps (Madry et al.)"
+    )
+    random_start: bool = True
+    restarts: int = Field(1, ge=1)
+
+
+class Iterative(Attack):
+    """Projected gradient ascent on a per-sample loss, keeping the worst iterate per restart."""
+
+    Params = IterativeParams
+
+    def loss(self, model: nn.Module, x_adv: Tensor, y: Tensor, ctx: dict) -> Tensor:
+        raise NotImplementedError  # abstract
+
+    def init_ctx(self, model: nn.Module, x: Tensor, y: Tensor) -> dict:
+        return {}
+
+    def start(self, x: Tensor, eps: Tensor) -> Tensor:
+        if self.random_start:
+            return random_init(x, eps, self.norm)
+        return torch.zeros_like(x)
+
+    def perturb(self, model, x, y, eps, step_size):  # type: ignore[override]
+        alpha = step_size if step_size is not None else (
+            self.step_size if self.step_size is not None else 2.5 * eps / self.steps
+        )
+        ctx = self.init_ctx(model, x, y)
+        best = x.clone()
+        still = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        for r in range(self.restarts):
+            delta = project(self.start(x, eps), eps, self.norm)
+            x_adv = (x + delta).clamp(0, 1)
+            for _ in range(self.steps):
+                x_adv.requires_grad_(True)
+                loss = self.loss(model, x_adv, y, ctx).sum()
+                g = input_grad(loss, x_adv)
+                with torch.no_grad():
+                    x_adv = x_adv + alpha * ascent_direction(g, self.norm)
+                    x_adv = (x + project(x_adv - x, eps, self.norm)).clamp(0, 1)
+            x_adv = x_adv.detach()
+            if self.restarts == 1:
+                return x_adv
+            with torch.no_grad():
+                fooled = model(x_adv).argmax(1) != y
+                take = still & fooled if r > 0 else torch.ones_like(still)
+                best[take] = x_adv[take]
+                still &= ~fooled
+        return best
+
+
+@ATTACKS.register("pgd")
+class PGD(Iterative):
+    """PGD on cross-entropy, ℓ∞ or ℓ2, uniform random start (Madry et al., arXiv:1706.06083)."""
+
+    def loss(self, model, x_adv, y, ctx):  # type: ignore[override]
+        return F.cross_entropy(model(x_adv), y, reduction="none")
+
+
+@ATTACKS.register("cw")
+class CW(Iterative):
+    """CW-ℓ∞: PGD on the Carlini–Wagner margin loss max_{j≠y} z_j − z_y (arXiv:1608.04644)."""
+
+    class Params(IterativeParams):
+        kappa: float = Field(50.0, ge=0.0, description="confidence: the margin is capped at κ")
+
+    def loss(self, model, x_adv, y, ctx):  # type: ignore[override]
+        return cw_margin(model(x_adv), y, self.kappa)
+
+
+@ATTACKS.register("fgsm")
+class FGSM(Attack):
+    """FGSM (Goodfellow et al., arXiv:1412.6572): one step of size ε; FGM for ℓ2."""
+
+    class Params(AttackParams):
+        norm: Literal["linf", "l2"] = "linf"
+
+    def perturb(self, model, x, y, eps, step_size):  # type: ignore[override]
+        x_adv = x.clone().requires_grad_(True)
+        g = input_grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
+        with torch.no_grad():
+            step = eps if step_size is None else step_size
+            x_adv = x + project(step * ascent_direction(g, self.norm), eps, self.norm)
+        return x_adv.clamp(0, 1)
+
+
+def kl_per_sample(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(p ‖ q) per sample, p = softmax(logits_p), q = softmax(logits_q) (TRADES order)."""
+    logp = F.log_softmax(logits_p, dim=1)
+    logq = F.log_softmax(logits_q, dim=1)
+    return (logp.exp() * (logp - logq)).sum(1)
+
+
+@ATTACKS.register("trades-kl")
+class TradesKL(Iterative):
+    """The TRADES inner maximisation of KL(p(x) ‖ p(x')) from x + 0.001·N(0, I)
+    (Zhang et al., arXiv:1901.08573)."""
+
+    class Params(IterativeParams):
+        random_start: bool = False
+        init_std: float = Field(0.001, ge=0.0)
+
+    def init_ctx(self, model, x, y):  # type: ignore[override]
+        with torch.no_grad():
+            return {"nat": model(x)}
+
+    def start(self, x: Tensor, eps: Tensor) -> Tensor:
+        if self.random_start:
+            return random_init(x, eps, self.norm)
+        return self.init_std * torch.randn_like(x)
+
+    def loss(self, model, x_adv, y, ctx):  # type: ignore[override]
+        return kl_per_sample(ctx["nat"], model(x_adv))

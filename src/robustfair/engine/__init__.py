@@ -1,0 +1,1 @@
+"""The training engine, evaluation, checkpoints and schedules."""

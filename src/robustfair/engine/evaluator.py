@@ -1,0 +1,150 @@
+"""Evaluation: a list of attacks → one boolean matrix ``correct[attack, sample]`` plus labels,
+predictions and groups; every figure is derived from it, and it is saved beside the summary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..attacks import Attack, build_attack
+from ..attacks.base import eval_mode
+from ..metrics import class_summary
+from .io import atomic_write_bytes, atomic_write_json
+
+
+@dataclass
+class EvalResult:
+    attacks: list[str]
+    correct: Tensor  # (A, N) bool
+    pred: Tensor  # (A, N) int
+    labels: Tensor  # (N,)
+    num_classes: int
+    groups: Tensor | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, attack: str) -> Tensor:
+        return self.correct[self.attacks.index(attack)]
+
+    def worst_case(self) -> Tensor:
+        """Per-sample worst case over every attack (clean included)."""
+        return self.correct.all(0)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"settings": self.settings, "n": int(len(self.labels)),
+                               "num_classes": self.num_classes, "attacks": {}}
+        for i, a in enumerate(self.attacks):
+            out["attacks"][a] = class_summary(self.correct[i], self.labels, self.num_classes)
+        adv = [i for i, a in enumerate(self.attacks) if a != "clean"]
+        if len(adv) > 1:
+            out["worst_case"] = class_summary(self.correct[adv].all(0), self.labels,
+                                              self.num_classes)
+            out["worst_case"]["over"] = [self.attacks[i] for i in adv]
+        for hook in SUMMARY_HOOKS:
+            hook(self, out)
+        return out
+
+    def confusion(self, attack: str) -> Tensor:
+        """Confusion matrix (true × predicted) under ``attack``."""
+        i = self.attacks.index(attack)
+        c = self.num_classes
+        flat = self.labels.long() * c + self.pred[i].long()
+        return torch.bincount(flat, minlength=c * c).reshape(c, c)
+
+    def save(self, folder: str | Path, name: str = "summary") -> dict[str, Any]:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        summ = self.summary()
+        import io
+
+        buf = io.BytesIO()
+        arrays = {
+            "attacks": np.array(self.attacks),
+            "correct": self.correct.cpu().numpy(),
+            "pred": self.pred.cpu().numpy().astype(np.int32),
+            "labels": self.labels.cpu().numpy().astype(np.int32),
+            "num_classes": np.array(self.num_classes),
+        }
+        if self.groups is not None:
+            arrays["groups"] = self.groups.cpu().numpy().astype(np.int32)
+        np.savez_compressed(buf, **arrays)
+        atomic_write_bytes(folder / f"{name}_matrix.npz", buf.getvalue())
+        atomic_write_json(folder / f"{name}.json", summ)
+        return summ
+
+    @classmethod
+    def load(cls, path: str | Path, settings: dict[str, Any] | None = None) -> EvalResult:
+        with np.load(path, allow_pickle=False) as z:
+            groups = torch.from_numpy(z["groups"]).long() if "groups" in z else None
+            return cls(
+                [str(a) for a in z["attacks"]],
+                torch.from_numpy(z["correct"]),
+                torch.from_numpy(z["pred"]).long(),
+                torch.from_numpy(z["labels"]).long(),
+                int(z["num_classes"]),
+                groups,
+                settings or {},
+            )
+
+
+#: functions ``hook(result, summary_dict)`` that add figures (e.g. group metrics) to a summary
+SUMMARY_HOOKS: list[Callable[[EvalResult, dict[str, Any]], None]] = []
+
+
+def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
+    with eval_mode(model), torch.no_grad():
+        return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in
+                          range(0, len(x), batch_size)]) if len(x) else torch.zeros(0).long()
+
+
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    attacks: Sequence[str | Attack],
+    eps: float,
+    norm: str = "linf",
+    num_classes: int | None = None,
+    batch_size: int = 500,
+    step_size: float | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Run every attack on every sample of ``data`` (an :class:`ArrayData`)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    built: list[Attack] = [
+        a if isinstance(a, Attack) else build_attack(a, norm, step_size) for a in attacks
+    ]
+    names = [a.name for a in built]
+    n = len(data)
+    correct = torch.zeros(len(built), n, dtype=torch.bool)
+    pred = torch.zeros(len(built), n, dtype=torch.long)
+    num_classes = num_classes or int(data.y.max()) + 1
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(start + batch_size, n))
+            x = data.images(idx).to(device)
+            y = data.y[idx.to(data.y.device)].to(device)
+            for i, atk in enumerate(built):
+                x_adv = atk(model, x, y, eps) if atk.name != "clean" else x
+                with eval_mode(model), torch.no_grad():
+                    p = model(x_adv).argmax(1)
+                pred[i, idx] = p.cpu()
+                correct[i, idx] = (p == y).cpu()
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        torch.set_rng_state(gen_state)
+    settings = {
+        "eps": eps, "norm": norm, "seed": seed, "n": n,
+        "attacks": [a.describe() for a in built],
+    }
+    groups = data.group.cpu() if getattr(data, "group", None) is not None else None
+    return EvalResult(names, correct, pred, data.y.cpu(), num_classes, groups, settings)

@@ -1,0 +1,135 @@
+"""Atomic writes and safe checkpoint loading."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, rename: never a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if exc.errno == 28:
+            raise UserError(f"no space left on the device writing {path}; free disk space and "
+                            f"resume with --resume") from None
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> str:
+    """Serialise with torch.save to memory, write atomically, return the sha256."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load with ``weights_only=True`` (tensors and plain containers only: no code runs).
+
+    Every way a file can be wrong ends in a :class:`UserError` naming the problem and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {str(path)!r} not found; check the path")
+    if path.is_dir():
+        raise UserError(f"{str(path)!r} is a folder, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        raise UserError(f"cannot read checkpoint {str(path)!r}: {exc.strerror}") from None
+    if len(head) == 0:
+        raise UserError(f"checkpoint {str(path)!r} is empty; the write was interrupted — use the "
+                        f"previous checkpoint")
+    low = head.lstrip().lower()
+    if low.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        raise UserError(
+            f"{str(path)!r} is an HTML page, not a checkpoint (cloud drives return one instead of "
+            f"the file); download the file itself"
+        )
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, map_location)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise UserError(
+                f"checkpoint {str(path)!r} contains Python objects that would run code when "
+                f"loaded; refused — save only tensors (a state dict) or use .safetensors"
+            ) from None
+        raise UserError(
+            f"checkpoint {str(path)!r} is truncated or not a PyTorch checkpoint ({msg[:120]}); "
+            f"use an intact file"
+        ) from None
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _load_safetensors(path: Path, map_location: Any) -> dict[str, Any]:
+    try:
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path), device=str(map_location)))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{str(path)!r} is not a valid safetensors file ({exc}); use an intact "
+                        f"file") from None

@@ -1,0 +1,531 @@
+"""The training engine: one loop for every method.
+
+sampler → batch → budget(x, y) = ε → objective(model, x, y, ε) → per-sample terms
+→ policy.combine · weights(y) → mean → optimizer step; at the epoch end: validation per class →
+policy / sampler updates → atomic checkpoint → one log line."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from ..budgets import BUDGETS
+from ..config import RunConfig, dump_config
+from ..data import DataBundle, augment_batch, load_data
+from ..errors import UserError
+from ..models import build_model
+from ..objectives import OBJECTIVES, BuildContext
+from ..policies import POLICIES, EpochContext
+from ..samplers import SAMPLERS
+from ..weights import WEIGHTS
+from .evaluator import EvalResult, evaluate
+from .io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .schedule import lr_at
+
+log = logging.getLogger("robustfair")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
+    return torch.device(name)
+
+
+def step_seed(seed: int, global_step: int) -> int:
+    return (seed * 2_654_435_761 + global_step * 40_503 + 12_345) % (2**63 - 1)
+
+
+def set_determinism(enabled: bool) -> None:
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+class EMA:
+    """Exponential moving average of parameters and buffers (model weight averaging)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if v.dtype.is_floating_point:
+                s.mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+            else:
+                s.copy_(v)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+    def copy_into(self, model: nn.Module) -> nn.Module:
+        m = copy.deepcopy(model)
+        m.load_state_dict(self.shadow)
+        return m
+
+
+def make_optimizer(cfg: Any, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and
+                               o.momentum > 0, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+class Trainer:
+    """Builds every part of a run from a :class:`RunConfig` and trains it in ``run_dir``."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, data: DataBundle | None = None,
+                 quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.quiet = quiet or not cfg.logging.progress
+        set_determinism(cfg.deterministic)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = data if data is not None else load_data(cfg.data)
+        self._build()
+
+    # ------------------------------------------------------------------ construction
+    def _build(self) -> None:
+        cfg, d = self.cfg, self.data
+        counts = torch.bincount(d.train.y, minlength=d.num_classes).tolist()
+        self.ctx = BuildContext(
+            num_classes=d.num_classes, in_channels=d.in_channels, image_size=d.image_size,
+            norm=cfg.attack.norm, eps=cfg.attack.eps, step_size=cfg.attack.step_size,
+            steps=cfg.attack.steps, num_groups=d.num_groups, train_size=len(d.train),
+            device=self.device, build_model=self.build_model,
+            extra={"class_counts": counts, "data": d, "seed": cfg.seed,
+                   "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs},
+        )
+        torch.manual_seed(cfg.seed)
+        self.model = self.build_model(cfg.model.name, **cfg.model.params).to(self.device)
+        m = cfg.method
+        self.objective = OBJECTIVES.build(m.objective, ctx=self.ctx).to(self.device)
+        self.budget = BUDGETS.build(m.budget, ctx=self.ctx)
+        self.weights = WEIGHTS.build(m.weights, ctx=self.ctx)
+        self.policy = POLICIES.build(m.policy, ctx=self.ctx)
+        on_device = cfg.data.on_device
+        self.train_data = d.train.to(self.device) if on_device else d.train
+        self.sampler = SAMPLERS.build(m.sampler, data=self.train_data,
+                                      batch_size=cfg.train.batch_size, seed=cfg.seed, ctx=self.ctx)
+        if cfg.train.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        params = list(self.model.parameters()) + list(self.objective.parameters())
+        self.optimizer = make_optimizer(cfg.train, params)
+        self.ema = EMA(self.model, cfg.train.ema.decay) if cfg.train.ema.enabled else None
+        self.awp = None
+        if cfg.train.awp.enabled:
+            from .awp import AWP
+
+            self.awp = AWP(self.model, cfg.train.awp.gamma, self.build_model_like)
+        self.forward_model: nn.Module = self.model
+        if cfg.train.compile:
+            self.forward_model = torch.compile(self.model)  # type: ignore[assignment]
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_metric = -1.0
+        self.last_val: dict[str, Any] = {}
+        self._stats_stash: dict[str, Tensor] | None = None
+        self._resumed_stats: dict[str, Tensor] | None = None
+
+    def build_model(self, name: str, **params: Any) -> nn.Module:
+        d = self.data
+        return build_model(name, d.in_channels, d.num_classes, d.image_size, d.mean, d.std,
+                           **params)
+
+    def build_model_like(self) -> nn.Module:
+        return self.build_model(self.cfg.model.name, **self.cfg.model.params).to(self.device)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "robustfair-checkpoint",
+            "version": __version__,
+            "model_name": self.cfg.model.name,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_metric": self.best_metric,
+            "model": self.model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "budget": self.budget.state_dict(),
+            "policy": self.policy.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "config": dump_config(self.cfg),
+            "metrics": json.loads(json.dumps(self.last_val, default=float)),
+            "epoch_stats": self._stats_stash,
+        }
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        if st.get("format") != "robustfair-checkpoint":
+            raise UserError("this file is not a robustfair training checkpoint; use "
+                            "'robustfair eval --checkpoint' for plain model weights")
+        if st.get("model_name") != self.cfg.model.name:
+            raise UserError(f"the checkpoint is of model {st.get('model_name')!r} but the config "
+                            f"says {self.cfg.model.name!r}; use the matching config")
+        try:
+            self.model.load_state_dict(st["model"])
+            self.objective.load_state_dict(st["objective"])
+        except RuntimeError as exc:
+            raise UserError(f"the checkpoint does not fit this model ({str(exc).splitlines()[0]});"
+                            f" use the config it was trained with") from None
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.budget.load_state_dict(st["budget"])
+        self.policy.load_state_dict(st["policy"])
+        self.sampler.load_state_dict(st["sampler"])
+        if self.ema is not None and st.get("ema") is not None:
+            self.ema.load_state_dict(st["ema"])
+        self.epoch = int(st["epoch"])
+        self.step_in_epoch = int(st["step_in_epoch"])
+        self.global_step = int(st["global_step"])
+        self.best_metric = float(st["best_metric"])
+        self.last_val = st.get("metrics") or {}
+        es = st.get("epoch_stats")
+        self._resumed_stats = ({k: v.to(self.device) for k, v in es.items()}
+                               if es is not None and self.step_in_epoch else None)
+
+    def save(self, name: str) -> Path:
+        path = self.run_dir / "checkpoints" / f"{name}.pt"
+        digest = save_checkpoint(path, self.state_dict())
+        atomic_write_json(path.with_suffix(".json"), {
+            "sha256": digest, "version": __version__, "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "model": self.cfg.model.name, "dataset": self.cfg.data.name,
+            "metrics": self.last_val,
+        })
+        return path
+
+    def resume(self) -> bool:
+        path = self.run_dir / "checkpoints" / "last.pt"
+        if not path.exists():
+            return False
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        return True
+
+    # ------------------------------------------------------------------ training
+    def eval_model(self) -> nn.Module:
+        return self.objective.eval_model(self.model)
+
+    def _batch(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        d = self.train_data
+        idx_d = idx.to(d.y.device)
+        x = d.images(idx_d).to(self.device, non_blocking=True)
+        y = d.y[idx_d].to(self.device, non_blocking=True)
+        g = torch.Generator().manual_seed(step_seed(self.cfg.seed, self.global_step) + 1)
+        x = augment_batch(x, self.data.augment, g)
+        if self.cfg.train.channels_last and self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y, idx_d
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, idx: Tensor, stats: dict[str, Tensor]) -> Tensor:
+        cfg = self.cfg
+        torch.manual_seed(step_seed(cfg.seed, self.global_step))
+        x, y, idx_d = self._batch(idx)
+        model = self.forward_model
+        model.train()
+        self.objective.train()
+        eps = self.budget(self.model, x, y, cfg.attack.eps)
+        step = torch.full_like(eps.flatten(1)[:, :1], cfg.attack.step_size).view(
+            (-1,) + (1,) * (x.dim() - 1))
+        scale = self.policy.eps_scale(y)
+        if scale is not None:
+            s = scale.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
+            eps, step = eps * s, step * s
+        if self.awp is not None and self.epoch >= cfg.train.awp.warmup:
+            self.awp.perturb(self.model, self.objective, x, y, eps, step, self.policy)
+        with self._autocast():
+            out = self.objective(model, x, y, eps, step)
+            per = self.policy.combine(out, y) * self.weights(y)
+            loss = per.float().mean()
+        if not bool(torch.isfinite(loss)):
+            last = self.run_dir / "checkpoints" / "last.pt"
+            where = str(last) if last.exists() else "none yet"
+            raise TrainingDiverged(
+                f"the loss became {float(loss)} at epoch {self.epoch + 1}, step "
+                f"{self.step_in_epoch + 1} (global step {self.global_step + 1}); the run stopped; "
+                f"last good checkpoint: {where}; lower the learning rate and resume"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        self.optimizer.step()
+        if self.awp is not None:
+            self.awp.restore(self.model)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        with torch.no_grad():
+            c = self.data.num_classes
+            stats["count"] += torch.bincount(y, minlength=c)
+            stats["loss"] += loss.detach() * len(y)
+            if out.logits_clean is not None:
+                stats["clean_correct"] += torch.bincount(
+                    y, weights=(out.logits_clean.argmax(1) == y).float(), minlength=c)
+            if out.logits_adv is not None:
+                stats["adv_correct"] += torch.bincount(
+                    y, weights=(out.logits_adv.argmax(1) == y).float(), minlength=c)
+        if "train_batches" in self.policy.needs:
+            self.policy.observe(x, y, out, idx_d)
+        return loss.detach()
+
+    def _new_stats(self) -> dict[str, Tensor]:
+        c = self.data.num_classes
+        z = lambda: torch.zeros(c, device=self.device)  # noqa: E731
+        return {"count": torch.zeros(c, device=self.device, dtype=torch.long),
+                "clean_correct": z(), "adv_correct": z(),
+                "loss": torch.zeros((), device=self.device)}
+
+    def validate(self) -> dict[str, Any]:
+        cfg = self.cfg
+        val = self.data.val
+        if len(val) == 0 or cfg.validation.every == 0:
+            return {}
+        if cfg.validation.n is not None and cfg.validation.n < len(val):
+            val = val.subset(torch.arange(cfg.validation.n))
+        attacks = ["clean"] + ([cfg.validation.attack] if cfg.attack.eps > 0 else [])
+        res = evaluate(self.eval_model(), val, attacks, cfg.attack.eps, cfg.attack.norm,
+                       self.data.num_classes, cfg.eval.batch_size, device=self.device,
+                       seed=cfg.seed)
+        s = res.summary()["attacks"]
+        out = {"clean": _brief(s["clean"])}
+        if len(attacks) > 1:
+            out["robust"] = _brief(s[res.attacks[1]])
+            out["robust_attack"] = res.attacks[1]
+        return out
+
+    def _epoch_context(self, stats: dict[str, Tensor]) -> EpochContext:
+        cache: dict[str, EvalResult] = {}
+        cfg = self.cfg
+
+        def ev(spec: str) -> EvalResult:
+            if spec not in cache:
+                cache[spec] = evaluate(self.eval_model(), self.data.val, ["clean", spec],
+                                       cfg.attack.eps, cfg.attack.norm, self.data.num_classes,
+                                       cfg.eval.batch_size, device=self.device, seed=cfg.seed)
+            return cache[spec]
+
+        return EpochContext(self.epoch, cfg.train.epochs, self.model, self.data.num_classes,
+                            self.device, ev, {k: v.detach().cpu() for k, v in stats.items()},
+                            {"attack": cfg.attack})
+
+    def fit(self, resume: bool = False) -> None:
+        cfg = self.cfg
+        if resume and self.resume() and not self.quiet:
+            log.info("resumed at epoch %d step %d", self.epoch, self.step_in_epoch)
+        writer = self._tensorboard()
+        log_path = self.run_dir / "log.jsonl"
+        try:
+            while self.epoch < cfg.train.epochs:
+                self._run_epoch(log_path, writer)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _run_epoch(self, log_path: Path, writer: Any) -> None:
+        cfg = self.cfg
+        e = self.epoch + 1
+        lr = lr_at(cfg.train.schedule, cfg.train.optimizer.lr, e, cfg.train.epochs)
+        for gp in self.optimizer.param_groups:
+            gp["lr"] = lr
+        self.budget.on_epoch_start(e, self.model)
+        self.policy.on_epoch_start(e)
+        batches = self.sampler.epoch_batches(e)
+        stats = self._new_stats()
+        if self.step_in_epoch:
+            stats = self._restore_stats()
+        t0 = time.perf_counter()
+        seen = 0
+        bar = None
+        if not self.quiet:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(batches), initial=self.step_in_epoch,
+                       desc=f"{cfg.name} epoch {e}/{cfg.train.epochs}", unit="batch",
+                       leave=False, dynamic_ncols=True)
+        losses = []
+        for k in range(self.step_in_epoch, len(batches)):
+            idx = batches[k]
+            loss = self.train_step(idx, stats)
+            losses.append(loss)
+            seen += len(idx)
+            self.global_step += 1
+            self.step_in_epoch = k + 1
+            self.sampler.on_step(self.global_step, self.model)
+            if bar is not None:
+                dt = time.perf_counter() - t0
+                bar.set_postfix_str(f"{seen / max(dt, 1e-9):.0f} img/s", refresh=False)
+                bar.update(1)
+            every = cfg.train.checkpoint_every_steps
+            if every and self.global_step % every == 0 and self.step_in_epoch < len(batches):
+                self._stash_stats(stats)
+                self.save("last")
+        if bar is not None:
+            bar.close()
+        train_time = time.perf_counter() - t0
+        self.epoch = e
+        self.step_in_epoch = 0
+        val = self.validate() if cfg.validation.every and e % cfg.validation.every == 0 else {}
+        self.last_val = val
+        self.policy.on_epoch_end(self._epoch_context(stats))
+        self.sampler.on_epoch_end(self._epoch_context(stats))
+        self._stash_stats(None)
+        metric = val.get("robust", val.get("clean", {})).get("avg", -1.0) if val else -1.0
+        self.save("last")
+        if metric >= self.best_metric:
+            self.best_metric = metric
+            shutil.copyfile(self.run_dir / "checkpoints" / "last.pt",
+                            self.run_dir / "checkpoints" / ".best.pt.tmp")
+            os.replace(self.run_dir / "checkpoints" / ".best.pt.tmp",
+                       self.run_dir / "checkpoints" / "best.pt")
+            shutil.copyfile(self.run_dir / "checkpoints" / "last.json",
+                            self.run_dir / "checkpoints" / "best.json")
+        cnt = stats["count"].clamp_min(1).float()
+        line = {
+            "epoch": e, "lr": lr, "global_step": self.global_step,
+            "train_loss": float(stats["loss"] / cnt.sum()),
+            "train_clean_acc": float(stats["clean_correct"].sum() / cnt.sum()),
+            "train_adv_acc": float(stats["adv_correct"].sum() / cnt.sum()),
+            "images_per_s": float(stats["count"].sum()) / max(train_time, 1e-9),
+            "time_s": train_time,
+            "val": val,
+        }
+        pol, smp = self.policy.log(), self.sampler.log()
+        if pol:
+            line["policy"] = pol
+        if smp:
+            line["sampler"] = smp
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line, default=float) + "\n")
+        if writer is not None:
+            _tb_write(writer, line, e)
+        if not self.quiet:
+            msg = f"epoch {e}/{cfg.train.epochs} loss {line['train_loss']:.4f}"
+            if val:
+                msg += f" | val clean {val['clean']['avg']:.3f}"
+                if "robust" in val:
+                    msg += (f" {val['robust_attack']} {val['robust']['avg']:.3f} "
+                            f"(worst class {val['robust']['worst']:.3f})")
+            msg += f" | {line['images_per_s']:.0f} img/s"
+            log.info(msg)
+
+    def _stash_stats(self, stats: dict[str, Tensor] | None) -> None:
+        """Keep the running epoch's statistics for a mid-epoch checkpoint."""
+        self._stats_stash = None if stats is None else {k: v.detach().clone() for k, v in
+                                                         stats.items()}
+
+    def _restore_stats(self) -> dict[str, Tensor]:
+        st, self._resumed_stats = self._resumed_stats, None
+        return st if st is not None else self._new_stats()
+
+    def _tensorboard(self) -> Any:
+        if not self.cfg.logging.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("logging.tensorboard=true needs the tensorboard package; "
+                            "pip install tensorboard") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ final evaluation
+    def final_eval(self, attacks: list[str] | None = None, progress: bool = True
+                   ) -> dict[str, Any]:
+        cfg = self.cfg
+        return run_eval(self.eval_model() if not (self.ema and cfg.train.ema.evaluate) else
+                        self.ema.copy_into(self.model), self.data, cfg, self.run_dir / "eval",
+                        attacks, self.device, quiet=self.quiet or not progress)
+
+
+def _brief(s: dict[str, Any]) -> dict[str, Any]:
+    return {k: s[k] for k in ("avg", "worst", "worst_class", "gap", "per_class") if k in s}
+
+
+def _tb_write(writer: Any, line: dict[str, Any], step: int) -> None:
+    for k in ("train_loss", "train_clean_acc", "train_adv_acc", "lr", "images_per_s"):
+        writer.add_scalar(f"train/{k}", line[k], step)
+    for part, v in line.get("val", {}).items():
+        if isinstance(v, dict):
+            writer.add_scalar(f"val/{part}_avg", v["avg"], step)
+            writer.add_scalar(f"val/{part}_worst", v["worst"], step)
+
+
+def run_eval(model: nn.Module, data: DataBundle, cfg: RunConfig, out_dir: Path,
+             attacks: list[str] | None = None, device: torch.device | None = None,
+             quiet: bool = False) -> dict[str, Any]:
+    """Evaluate with ``cfg.eval`` on the test (or validation) split; save summary + matrix."""
+    ev = cfg.eval
+    split = data.split(ev.split)
+    if ev.n is not None and ev.n < len(split):
+        split = split.subset(torch.arange(ev.n))
+    eps = ev.eps if ev.eps is not None else cfg.attack.eps
+    norm = ev.norm or cfg.attack.norm
+    bar = None
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(split), desc="evaluating", unit="img", leave=False)
+    res = evaluate(model, split, attacks or ev.attacks, eps, norm, data.num_classes,
+                   ev.batch_size, ev.step_size, device=device, seed=cfg.seed,
+                   progress=bar.update if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    res.settings.update({"dataset": cfg.data.name, "split": ev.split, "model": cfg.model.name,
+                         "class_names": data.class_names})
+    return res.save(out_dir)
+
+
+def prepare_run_dir(cfg: RunConfig, force: bool = False, resume: bool = False,
+                    run_dir: str | Path | None = None) -> Path:
+    """Create ``runs/NAME`` and write the resolved config; refuse to overwrite by accident."""
+    path = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
+    cfg_text = dump_config(cfg)
+    if path.exists() and any(path.iterdir()):
+        if resume:
+            return path
+        if not force:
+            raise UserError(f"run directory {str(path)!r} already exists; continue it with "
+                            f"--resume, or start over with --force, or --set name=OTHER")
+        shutil.rmtree(path)
+    elif resume:
+        raise UserError(f"nothing to resume: {str(path)!r} has no run; drop --resume")
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path / "config.yaml", cfg_text)
+    return path

@@ -1,0 +1,16 @@
+"""Errors that are the user's to fix.
+
+A :class:`UserError` carries a one-line message that names the problem and the fix. The command
+line prints it without a traceback and exits with code 2.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input (configuration, files, arguments), not with robustfair."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
