@@ -1,0 +1,1 @@
+"""Reports: HTML for one run, tables and figures across runs."""

@@ -1,0 +1,61 @@
+"""Shared fixtures: small real data (scikit-learn digits) and small models trained on it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from robustfair.config import DataConfig
+from robustfair.data import load_data
+from robustfair.models import build_model
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The digits bundle (8×8, 10 classes), with a validation split."""
+    return load_data(DataConfig(name="digits", val_size=0.1))
+
+
+def train_quick(model, data, epochs: int = 30, lr: float = 0.05, seed: int = 0, adv_eps=None):
+    """Plain full-batch-ish training used by tests that need a trained model."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    x = data.train.images()
+    y = data.train.y
+    from robustfair.attacks import build_attack
+
+    pgd = build_attack("pgd5", "linf") if adv_eps else None
+    for _ in range(epochs):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 128):
+            idx = perm[i : i + 128]
+            xb, yb = x[idx], y[idx]
+            if pgd is not None:
+                xb = pgd(model, xb, yb, adv_eps)
+            model.train()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(digits):
+    """A SmallCNN trained normally on digits (about 97% clean accuracy)."""
+    torch.manual_seed(0)
+    m = build_model("smallcnn", 1, 10, 8, digits.mean, digits.std, dropout=0.0)
+    return train_quick(m, digits, epochs=25)
+
+
+@pytest.fixture(scope="session")
+def trained_mlp(digits):
+    """An MLP trained normally on digits."""
+    torch.manual_seed(0)
+    m = build_model("mlp", 1, 10, 8, digits.mean, digits.std, hidden=[64])
+    return train_quick(m, digits, epochs=30)
