@@ -62,6 +62,10 @@ def class_table(summary: dict[str, Any], class_names: list[str] | None = None,
     for label, key in (("average", "avg"), ("worst", "worst"), ("gap", "gap"), ("std", "std")):
         lines.append(f"{label:<{nw}} {'':>6} " + " ".join(
             f"{pct(data[a].get(key)):>{w}}" for a in cols))
+    if summary.get("groups"):
+        from ..metrics.groups import group_table
+
+        lines += ["", group_table(summary)]
     return "\n".join(lines)
 
 

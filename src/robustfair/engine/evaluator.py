@@ -148,3 +148,9 @@ def evaluate(
     }
     groups = data.group.cpu() if getattr(data, "group", None) is not None else None
     return EvalResult(names, correct, pred, data.y.cpu(), num_classes, groups, settings)
+
+
+# group figures (per-group accuracy, DP / EqOdds / EqOpp differences) in every summary with groups
+from ..metrics.groups import group_summary_hook  # noqa: E402
+
+SUMMARY_HOOKS.append(group_summary_hook)

@@ -508,7 +508,7 @@ def run_eval(model: nn.Module, data: DataBundle, cfg: RunConfig, out_dir: Path,
     if bar is not None:
         bar.close()
     res.settings.update({"dataset": cfg.data.name, "split": ev.split, "model": cfg.model.name,
-                         "class_names": data.class_names})
+                         "class_names": data.class_names, "group_names": data.group_names})
     return res.save(out_dir)
 
 
