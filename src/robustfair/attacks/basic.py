@@ -29,6 +29,11 @@ def cw_margin(logits: Tensor, y: Tensor, kappa: float = 0.0) -> Tensor:
     return torch.clamp(other - z_y, min=-kappa)
 
 
+def box(x: Tensor, clip: bool = True) -> Tensor:
+    """Clamp to the image range [0, 1] (or leave unbounded inputs as they are)."""
+    return x.clamp(0, 1) if clip else x
+
+
 class IterativeParams(AttackParams):
     norm: Literal["linf", "l2"] = "linf"
     steps: int = Field(10, ge=1, le=100_000)
@@ -37,6 +42,8 @@ class IterativeParams(AttackParams):
     )
     random_start: bool = True
     restarts: int = Field(1, ge=1)
+    clip: bool = Field(True, description="clamp x_adv to [0, 1]; off for inputs that are not "
+                       "images (e.g. synthetic mixtures)")
 
 
 class Iterative(Attack):
@@ -64,14 +71,14 @@ class Iterative(Attack):
         still = torch.ones(len(x), dtype=torch.bool, device=x.device)
         for r in range(self.restarts):
             delta = project(self.start(x, eps), eps, self.norm)
-            x_adv = (x + delta).clamp(0, 1)
+            x_adv = box(x + delta, self.clip)
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
                 loss = self.loss(model, x_adv, y, ctx).sum()
                 g = input_grad(loss, x_adv)
                 with torch.no_grad():
                     x_adv = x_adv + alpha * ascent_direction(g, self.norm)
-                    x_adv = (x + project(x_adv - x, eps, self.norm)).clamp(0, 1)
+                    x_adv = box(x + project(x_adv - x, eps, self.norm), self.clip)
             x_adv = x_adv.detach()
             if self.restarts == 1:
                 return x_adv
@@ -108,6 +115,7 @@ class FGSM(Attack):
 
     class Params(AttackParams):
         norm: Literal["linf", "l2"] = "linf"
+        clip: bool = Field(True, description="clamp x_adv to [0, 1]")
 
     def perturb(self, model, x, y, eps, step_size):  # type: ignore[override]
         x_adv = x.clone().requires_grad_(True)
@@ -115,7 +123,7 @@ class FGSM(Attack):
         with torch.no_grad():
             step = eps if step_size is None else step_size
             x_adv = x + project(step * ascent_direction(g, self.norm), eps, self.norm)
-        return x_adv.clamp(0, 1)
+        return box(x_adv, self.clip)
 
 
 def kl_per_sample(logits_p: Tensor, logits_q: Tensor) -> Tensor:

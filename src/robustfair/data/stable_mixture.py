@@ -1,0 +1,326 @@
+"""The AT-on-AD datasets: imbalanced two-class mixtures of symmetric α-stable distributions, and
+binary one-class-against-the-rest tasks cut from image datasets.
+
+Hu, Wu, Zhang, Zhao, "Understanding the Impact of Adversarial Robustness on Accuracy
+Disparity", ICML 2023 (arXiv:2211.15762). The official repository ships no data and no
+generator, so the mixture below is this library's own, with every parameter configurable.
+
+**The stable mixture** (``stable-mixture``). Class y ∈ {0, 1} has mean μ_y = s_y·μ·1 with
+s_0 = −1, s_1 = +1, and
+
+    x = μ_y + σ·z,   z_1, …, z_d i.i.d. standard symmetric α-stable,
+
+where "standard" means the characteristic function E exp(i t z_j) = exp(−|t|^α) (scipy's
+``levy_stable(alpha, 0)`` with scale 1). So σ is the *scale parameter* of each coordinate's
+noise: for α = 2 (Gaussian) each coordinate has standard deviation σ√2, for α = 1 (Cauchy) σ is
+the half-width at half-maximum, α = 1.5 is the Holtsmark distribution. Class 0 is the majority:
+n_0 = N and n_1 = N/R training samples (and the same for validation); the imbalanced test set has
+``n_test`` and ``n_test``/R samples, the balanced one ``n_test`` of each class.
+
+Closed form for linear classifiers. For f(x) = w·x + b, predicting class 1 iff f(x) > 0, stability
+gives w·z ~ ‖w‖_α·z_1 with ‖w‖_α = (Σ_j |w_j|^α)^(1/α), hence
+
+    P(correct | y) = F_α(s_y·(w·μ_y + b) / (σ‖w‖_α)),
+
+F_α the standard symmetric α-stable CDF (F_2(t) = Φ(t/√2), F_1(t) = 1/2 + arctan(t)/π). For
+α = 2 and equal priors the best classifier is w ∝ 1, b = 0 (the Bayes rule); for α < 2 w ∝ 1 is
+the best *linear* rule (the Bayes rule is then nonlinear).
+
+Default μ and σ per α (d = 100), chosen so that the balanced problem's best linear accuracy is
+high but not perfect and the paper's ε grids (specs part_atad §2.4) visibly lower the accuracy
+that the best linear rule keeps under attack:
+
+====== ==== ==== ============== ============================== ==============================
+α      μ    σ    best accuracy  robust, ℓ2 grid (ε high→low)    robust, ℓ∞ grid (ε high→low)
+====== ==== ==== ============== ============================== ==============================
+2      2    8    0.961          0.908, 0.925, 0.939            0.812, 0.865, 0.908
+1.5    1    1.5  0.951          0.909, 0.923, 0.935            0.823, 0.877, 0.913
+1      20   3    0.953          0.946, 0.948, 0.950            0.843, 0.900, 0.927
+====== ==== ==== ============== ============================== ==============================
+
+(For α = 1 the ℓ2 grid costs less than a point: ‖w‖_2 ≪ ‖w‖_1 for the dense direction.)
+
+**Binary tasks** (``mnist-binary``, ``fashion-mnist-binary``, ``cifar10-binary``,
+``mnist5k-binary``): class 0 is one original class (``one_class``: 1, 1, 3 (cat) and 1 as in
+the official code), class 1 is every other class. ``majority`` says which of the two has N
+samples (class 0, except Fashion-MNIST where the official code makes "the rest" the majority).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import UserError
+from ..registry import format_validation_error
+from . import DATASETS
+from .core import ArrayData, DataBundle
+
+#: (μ, σ) defaults per α, see the module docstring.
+DEFAULT_MU_SIGMA: dict[float, tuple[float, float]] = {2.0: (2.0, 8.0), 1.5: (1.0, 1.5),
+                                                      1.0: (20.0, 3.0)}
+ALPHA_NAMES = {2.0: "gaussian", 1.5: "holtsmark", 1.0: "cauchy"}
+
+
+# ------------------------------------------------------------------------------------------
+# symmetric α-stable law: sampler, CDF, closed-form accuracy
+
+
+def sample_symmetric_stable(
+    alpha: float, size: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
+    """Standard symmetric α-stable samples (characteristic function exp(−|t|^α)), float64.
+
+    Chambers–Mallows–Stuck (1976) with β = 0: V ~ U(−π/2, π/2), W ~ Exp(1),
+    X = sin(αV)/cos(V)^(1/α) · (cos((1−α)V)/W)^((1−α)/α). α = 2 gives N(0, 2), α = 1 tan(V).
+    """
+    if not 0.0 < alpha <= 2.0:
+        raise ValueError(f"alpha must lie in (0, 2], got {alpha}")
+    v = rng.uniform(-math.pi / 2, math.pi / 2, size)
+    w = rng.exponential(1.0, size)
+    if alpha == 1.0:
+        return np.tan(v)
+    a = alpha
+    return np.sin(a * v) / np.cos(v) ** (1.0 / a) * (np.cos((1.0 - a) * v) / w) ** ((1.0 - a) / a)
+
+
+def stable_cdf(t: np.ndarray | float, alpha: float) -> np.ndarray:
+    """F_α(t), the CDF of the standard symmetric α-stable law (characteristic fn exp(−|t|^α)).
+
+    Closed forms for α = 2 (Φ(t/√2)) and α = 1 (Cauchy); otherwise ``scipy.stats.levy_stable``,
+    which is slow: call it on few points."""
+    t = np.asarray(t, dtype=np.float64)
+    if alpha == 2.0:
+        from scipy.special import ndtr
+
+        return ndtr(t / math.sqrt(2.0))
+    if alpha == 1.0:
+        return 0.5 + np.arctan(t) / math.pi
+    from scipy.stats import levy_stable
+
+    return np.asarray(levy_stable.cdf(t, alpha, 0.0), dtype=np.float64)
+
+
+def alpha_norm(w: np.ndarray, alpha: float) -> float:
+    """‖w‖_α = (Σ_j |w_j|^α)^(1/α): the scale of w·z for i.i.d. standard α-stable z."""
+    w = np.abs(np.asarray(w, dtype=np.float64))
+    return float((w**alpha).sum() ** (1.0 / alpha))
+
+
+def linear_class_accuracy(
+    w: np.ndarray, b: float, mu: float, sigma: float, alpha: float
+) -> np.ndarray:
+    """Exact per-class accuracy [P(correct | y=0), P(correct | y=1)] of the rule "class 1 iff
+    w·x + b > 0" on the stable mixture: F_α(s_y·(w·μ_y + b)/(σ‖w‖_α)), μ_y = s_y·μ·1."""
+    w = np.asarray(w, dtype=np.float64).ravel()
+    scale = sigma * alpha_norm(w, alpha)
+    signs = np.array([-1.0, 1.0])
+    margins = signs * (signs * mu * w.sum() + b)
+    if scale == 0.0:
+        return (margins > 0).astype(np.float64)
+    return stable_cdf(margins / scale, alpha)
+
+
+def best_linear_accuracy(mu: float, sigma: float, alpha: float, d: int,
+                         eps: float = 0.0, norm: str = "l2") -> float:
+    """Accuracy of w = 1, b = 0 on the balanced mixture, under the worst ε-perturbation if
+    eps > 0 (the margin μd shrinks by ε‖1‖_*: ε√d for ℓ2, εd for ℓ∞)."""
+    dual = math.sqrt(d) if norm == "l2" else float(d)
+    return float(stable_cdf((mu * d - eps * dual) / (sigma * d ** (1.0 / alpha)), alpha))
+
+
+# ------------------------------------------------------------------------------------------
+# the stable mixture dataset
+
+
+class StableMixtureParams(BaseModel):
+    """``data.params`` of ``stable-mixture``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(2.0, gt=0.0, le=2.0, description="stability index (2, 1.5, 1)")
+    d: int = Field(100, ge=1, le=100_000, description="input dimension")
+    mu: float | None = Field(None, gt=0.0, description="class means ±μ·1 (default per α)")
+    sigma: float | None = Field(None, gt=0.0, description="noise scale σ (default per α)")
+    n_major: int = Field(1000, ge=1, description="majority training samples N")
+    n_val_major: int = Field(500, ge=1, description="majority validation samples")
+    n_test: int = Field(1000, ge=1, description="test samples of the majority class")
+    ratio: float = Field(1.0, ge=1.0, description="imbalance ratio R = n_0 / n_1")
+    seed: int = Field(0, ge=0, description="seed of the draw")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> StableMixtureParams:
+        if self.mu is None or self.sigma is None:
+            if self.alpha not in DEFAULT_MU_SIGMA:
+                raise ValueError(
+                    f"no default mu/sigma for alpha={self.alpha}; set data.params.mu and "
+                    f"data.params.sigma (defaults exist for alpha 2, 1.5 and 1)")
+            mu, sigma = DEFAULT_MU_SIGMA[self.alpha]
+            object.__setattr__(self, "mu", self.mu if self.mu is not None else mu)
+            object.__setattr__(self, "sigma", self.sigma if self.sigma is not None else sigma)
+        return self
+
+
+def parse_params(model: type[BaseModel], params: dict[str, Any], where: str) -> Any:
+    """Validate ``data.params`` with a one-line error naming the field."""
+    try:
+        return model(**params)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, where)) from None
+
+
+def minority_size(n: int, ratio: float) -> int:
+    """n/R rounded, at least 1."""
+    return max(1, int(round(n / ratio)))
+
+
+def _draw_class(p: StableMixtureParams, split: int, label: int, n: int) -> np.ndarray:
+    """n samples of one class; split/label get their own random stream, so that sizes nest
+    (the first n/R minority samples are the same for every R)."""
+    rng = np.random.default_rng(np.random.SeedSequence([p.seed, split, label]))
+    z = sample_symmetric_stable(p.alpha, (n, p.d), rng)
+    sign = -1.0 if label == 0 else 1.0
+    return sign * p.mu + p.sigma * z
+
+
+def _split(p: StableMixtureParams, split: int, n0: int, n1: int) -> ArrayData:
+    x = np.concatenate([_draw_class(p, split, 0, n0), _draw_class(p, split, 1, n1)])
+    y = np.concatenate([np.zeros(n0, np.int64), np.ones(n1, np.int64)])
+    xt = torch.from_numpy(x.astype(np.float32)).reshape(n0 + n1, p.d, 1, 1)
+    return ArrayData(xt, torch.from_numpy(y))
+
+
+def make_stable_mixture(p: StableMixtureParams) -> DataBundle:
+    """Train, validation and imbalanced test splits, and the balanced test set in
+    ``extra['test_balanced']``. Inputs are shaped (n, d, 1, 1) and are not images: they are
+    unbounded (``extra['bounded']`` is False), so attacks must not clip them to [0, 1]."""
+    n1 = minority_size(p.n_major, p.ratio)
+    train = _split(p, 0, p.n_major, n1)
+    val = _split(p, 1, p.n_val_major, minority_size(p.n_val_major, p.ratio))
+    test = _split(p, 2, p.n_test, minority_size(p.n_test, p.ratio))
+    balanced = _split(p, 3, p.n_test, p.n_test)
+    return DataBundle(
+        "stable-mixture", train, val, test, 2, (0.0,) * p.d, (1.0,) * p.d, "none",
+        ["0 (majority, mean -mu)", "1 (minority, mean +mu)"],
+        extra={"test_balanced": balanced, "majority": 0, "ratio": p.ratio, "bounded": False,
+               "alpha": p.alpha, "mu": p.mu, "sigma": p.sigma, "d": p.d},
+    )
+
+
+@DATASETS.register("stable-mixture")
+def stable_mixture(cfg: Any) -> DataBundle:
+    """Imbalanced two-class mixture ±μ·1 + σ·(symmetric α-stable noise) in d = 100 dimensions
+    (AT-on-AD): Gaussian α=2, Holtsmark α=1.5, Cauchy α=1; data.params: alpha, d, mu, sigma,
+    n_major, n_val_major, n_test, ratio, seed."""
+    return make_stable_mixture(parse_params(StableMixtureParams, dict(cfg.params), "data.params"))
+
+
+# ------------------------------------------------------------------------------------------
+# binary one-class-against-the-rest tasks
+
+
+class BinaryTaskParams(BaseModel):
+    """``data.params`` of the ``*-binary`` tasks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    one_class: int = Field(1, ge=0, description="original label that becomes class 0")
+    majority: Literal["one", "rest"] = Field("one", description="which class has N samples")
+    ratio: float = Field(1.0, ge=1.0, description="imbalance ratio R")
+    n_major: int = Field(4000, ge=1, description="majority training samples N")
+    n_val_major: int = Field(1000, ge=1, description="majority validation samples")
+    n_test: int = Field(1000, ge=1, description="test samples of the majority class")
+    seed: int = Field(0, ge=0, description="seed of the subsampling")
+
+
+#: per base dataset: (one_class, majority, n_major, n_val_major, n_test, pool test with train)
+BINARY_TASKS: dict[str, tuple[int, str, int, int, int, bool]] = {
+    "mnist": (1, "one", 4000, 1000, 1000, False),
+    "fashion-mnist": (1, "rest", 4000, 1000, 1000, False),
+    "cifar10": (3, "one", 4000, 1000, 1000, False),
+    "mnist5k": (1, "one", 250, 50, 200, True),  # 500 images of each digit in all
+}
+
+
+def _take(pool: np.ndarray, n: int, what: str, field: str) -> tuple[np.ndarray, np.ndarray]:
+    if n > len(pool):
+        raise UserError(f"data.params.{field}: {what} needs {n} images but only {len(pool)} "
+                        f"are available; lower data.params.{field}")
+    return pool[:n], pool[n:]
+
+
+def _binary_split(data: ArrayData, idx0: np.ndarray, idx1: np.ndarray) -> ArrayData:
+    idx = torch.from_numpy(np.concatenate([idx0, idx1]).astype(np.int64))
+    y = torch.cat([torch.zeros(len(idx0), dtype=torch.long), torch.ones(len(idx1), dtype=torch.long)])
+    return ArrayData(data.x[idx], y)
+
+
+def make_binary_task(base: DataBundle, p: BinaryTaskParams, pooled: bool) -> DataBundle:
+    """Class 0 = ``one_class``, class 1 = the rest, with N and N/R training samples (which class
+    is the majority is ``p.majority``); validation drawn like training; balanced test (n_test,
+    n_test) and imbalanced test (n_test, n_test/R, a subset of the balanced one). Sizes nest
+    across R. ``pooled``: draw the test images from the training pool too (small datasets)."""
+    if p.one_class >= base.num_classes:
+        raise UserError(f"data.params.one_class: {base.name} has classes 0..{base.num_classes - 1}")
+    train_pool = base.train if len(base.val) == 0 else base.train.concat(base.val)
+    test_pool = base.test
+    if pooled:
+        train_pool = test_pool = train_pool.concat(base.test)
+    rng = np.random.default_rng(np.random.SeedSequence([p.seed, 7]))
+
+    def by_class(d: ArrayData) -> list[np.ndarray]:
+        y = d.y.numpy()
+        return [rng.permutation(np.nonzero(y == p.one_class)[0]),
+                rng.permutation(np.nonzero(y != p.one_class)[0])]
+
+    major = 0 if p.majority == "one" else 1
+    tr = by_class(train_pool)
+    te = tr if pooled else by_class(test_pool)  # pooled: the test draw continues the same pools
+    train, val, test_b = [], [], []
+    for c in (0, 1):
+        n_tr = p.n_major if c == major else minority_size(p.n_major, p.ratio)
+        n_va = p.n_val_major if c == major else minority_size(p.n_val_major, p.ratio)
+        idx, tr[c] = _take(tr[c], n_tr, f"class {c} training", "n_major")
+        train.append(idx)
+        idx, tr[c] = _take(tr[c], n_va, f"class {c} validation", "n_val_major")
+        val.append(idx)
+        idx, te[c] = _take(te[c], p.n_test, f"class {c} test", "n_test")
+        test_b.append(idx)
+    n_minor = minority_size(p.n_test, p.ratio)
+    imb = [t if c == major else t[:n_minor] for c, t in enumerate(test_b)]
+    one_name = base.class_names[p.one_class] if base.class_names else str(p.one_class)
+    return DataBundle(
+        f"{base.name}-binary",
+        _binary_split(train_pool, *train),
+        _binary_split(train_pool, *val),
+        _binary_split(test_pool, *imb),
+        2, base.mean, base.std, "none", [one_name, f"not {one_name}"],
+        extra={"test_balanced": _binary_split(test_pool, *test_b), "majority": major,
+               "ratio": p.ratio, "bounded": True, "base": base.name},
+    )
+
+
+def _binary_loader(base_name: str) -> Any:
+    one, majority, n_major, n_val, n_test, pooled = BINARY_TASKS[base_name]
+
+    def load(cfg: Any) -> DataBundle:
+        params = {"one_class": one, "majority": majority, "n_major": n_major,
+                  "n_val_major": n_val, "n_test": n_test, **dict(cfg.params)}
+        p = parse_params(BinaryTaskParams, params, "data.params")
+        base = DATASETS.get(base_name)(cfg)
+        return make_binary_task(base, p, pooled)
+
+    load.__doc__ = (
+        f"Binary task from {base_name}: original class {one} against the rest "
+        f"({'the rest' if majority == 'rest' else f'class {one}'} is the majority, N={n_major}); "
+        f"data.params: one_class, majority, ratio, n_major, n_val_major, n_test, seed."
+    )
+    return load
+
+
+for _name in BINARY_TASKS:
+    DATASETS.register(f"{_name}-binary")(_binary_loader(_name))
