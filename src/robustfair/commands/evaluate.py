@@ -65,6 +65,9 @@ def evaluate_run(run_dir: Path, attacks: str | None = None, overrides: list[str]
     model = trainer.eval_model()
     if trainer.ema is not None and cfg.train.ema.evaluate:
         model = trainer.ema.copy_into(trainer.model)
+    averaged = trainer.policy_eval_model()
+    if averaged is not None:
+        model = averaged
     return run_eval(model, data, cfg, run_dir / "eval", None, trainer.device, quiet=quiet)
 
 

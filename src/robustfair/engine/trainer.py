@@ -125,7 +125,8 @@ class Trainer:
             steps=cfg.attack.steps, num_groups=d.num_groups, train_size=len(d.train),
             device=self.device, build_model=self.build_model,
             extra={"class_counts": counts, "data": d, "seed": cfg.seed,
-                   "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs},
+                   "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
+                   "objective": dict(cfg.method.objective)},
         )
         torch.manual_seed(cfg.seed)
         self.model = self.build_model(cfg.model.name, **cfg.model.params).to(self.device)
@@ -469,9 +470,22 @@ class Trainer:
     def final_eval(self, attacks: list[str] | None = None, progress: bool = True
                    ) -> dict[str, Any]:
         cfg = self.cfg
-        return run_eval(self.eval_model() if not (self.ema and cfg.train.ema.evaluate) else
-                        self.ema.copy_into(self.model), self.data, cfg, self.run_dir / "eval",
+        model = self.policy_eval_model()
+        if model is None:
+            model = (self.eval_model() if not (self.ema and cfg.train.ema.evaluate) else
+                     self.ema.copy_into(self.model))
+        return run_eval(model, self.data, cfg, self.run_dir / "eval",
                         attacks, self.device, quiet=self.quiet or not progress)
+
+    def policy_eval_model(self) -> nn.Module | None:
+        """A copy of the model holding the weights the policy asks evaluation to use (CFA's
+        fairness-aware average), or None when the policy has none."""
+        state = self.policy.eval_state()
+        if state is None:
+            return None
+        m = copy.deepcopy(self.model)
+        m.load_state_dict(state)
+        return m
 
 
 def _brief(s: dict[str, Any]) -> dict[str, Any]:

@@ -71,6 +71,11 @@ class Policy:
         """Figures for log.jsonl (e.g. the current per-class weights)."""
         return {}
 
+    def eval_state(self) -> dict[str, Tensor] | None:
+        """Model weights the final evaluation should use instead of the trained ones (e.g.
+        CFA's fairness-aware weight average); None: the trained model."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
