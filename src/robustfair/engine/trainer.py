@@ -368,6 +368,7 @@ class Trainer:
             gp["lr"] = lr
         self.budget.on_epoch_start(e, self.model)
         self.policy.on_epoch_start(e)
+        self.objective.on_epoch_start(e)
         batches = self.sampler.epoch_batches(e)
         stats = self._new_stats()
         if self.step_in_epoch:

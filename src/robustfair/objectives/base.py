@@ -73,3 +73,9 @@ class Objective(nn.Module):
     def eval_model(self, model: nn.Module) -> nn.Module:
         """The model that evaluation should use (the robust one)."""
         return model
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the engine before each epoch (1-based), also when a run resumes mid-epoch.
+
+        An objective that keeps statistics across epochs (DKL's class-wise weights) rolls them
+        over here; it should keep them in buffers so that checkpoints hold them."""
