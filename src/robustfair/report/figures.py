@@ -20,12 +20,17 @@ ROBUST_COLOR = "#2b5d8c"
 WORST_COLOR = "#d62728"
 
 
-def to_png(fig: Figure, dpi: int = 100) -> bytes:
-    """Render ``fig`` to PNG bytes."""
+def to_png(fig: Figure, dpi: int = 90) -> bytes:
+    """Render ``fig`` to PNG bytes (drawn once: the figures use the constrained layout)."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
+
+
+def new_figure(size: tuple[float, float]) -> Figure:
+    """A figure of ``size`` inches with the constrained layout (labels and legends inside)."""
+    return Figure(figsize=size, dpi=90, layout="constrained")
 
 
 def to_base64(fig: Figure) -> str:
@@ -45,7 +50,7 @@ def training_curves(epochs: Sequence[int], loss: Sequence[Any],
         loss: training loss per epoch.
         acc: label → accuracy per epoch in [0, 1]; labels ending in "worst class" are dashed.
     """
-    fig = Figure(figsize=(11, 3.6))
+    fig = new_figure((11, 3.6))
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, _nan(loss), marker="o", color="#444")
     ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
@@ -69,7 +74,7 @@ def class_bars(names: Sequence[str], clean: Sequence[Any], robust: Sequence[Any]
                attack: str, worst: int | None) -> Figure:
     """Per-class clean and robust accuracy as grouped bars; the worst class (robust) in red."""
     c = len(names)
-    fig = Figure(figsize=(max(6.0, min(16.0, 0.55 * c + 2)), 3.4))
+    fig = new_figure((max(5.5, min(16.0, 0.45 * c + 2)), 3.2))
     ax = fig.subplots()
     x = np.arange(c)
     ax.bar(x - 0.2, 100 * _nan(clean), 0.4, label="clean", color=CLEAN_COLOR)
@@ -80,7 +85,12 @@ def class_bars(names: Sequence[str], clean: Sequence[Any], robust: Sequence[Any]
                     va="bottom", color=WORST_COLOR, fontsize=8)
     ax.set_xticks(x, [str(n) for n in names], rotation=90 if c > 20 else 0, fontsize=8)
     ax.set(ylabel="accuracy (%)", ylim=(0, 105), title=f"per-class accuracy: clean and {attack}")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=CLEAN_COLOR, label="clean"), Patch(color=ROBUST_COLOR, label=attack)]
+    if worst is not None:
+        handles.append(Patch(color=WORST_COLOR, label=f"{attack}, worst class"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -90,15 +100,15 @@ def heatmap(matrix: np.ndarray, names: Sequence[str], title: str, xlabel: str, y
     """A square matrix as a heatmap (annotated with its values when small enough)."""
     c = len(names)
     size = max(4.0, min(10.0, 0.4 * c + 1.5))
-    fig = Figure(figsize=(size + 1, size))
+    fig = new_figure((size + 1, size))
     ax = fig.subplots()
     im = ax.imshow(matrix, cmap="viridis")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(im, ax=ax, shrink=0.8)
     ticks = np.arange(c)
     ax.set_xticks(ticks, [str(n) for n in names], rotation=90 if c > 15 else 0, fontsize=7)
     ax.set_yticks(ticks, [str(n) for n in names], fontsize=7)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if annotate and c <= 15:
+    if annotate and c <= 12:
         hi = np.nanmax(matrix) if matrix.size else 0
         for i in range(c):
             for j in range(c):
@@ -111,7 +121,7 @@ def heatmap(matrix: np.ndarray, names: Sequence[str], title: str, xlabel: str, y
 def eps_curve(eps: Sequence[float], per_class: Sequence[Sequence[Any]], avg: Sequence[Any],
               names: Sequence[str], attack: str, norm: str) -> Figure:
     """Robust accuracy against ε: one thin line per class, the average in black."""
-    fig = Figure(figsize=(8, 4))
+    fig = new_figure((8, 4))
     ax = fig.subplots()
     pc = np.array([_nan(row) for row in per_class])  # (E, C)
     cmap = _class_colors(len(names))
@@ -137,7 +147,7 @@ def grouped_bars(labels: Sequence[str], series: dict[str, Sequence[Any]], title:
                  ylabel: str = "accuracy (%)", percent: bool = True) -> Figure:
     """Bars per label (e.g. per group), one colour per series (e.g. per attack)."""
     n, s = len(labels), max(len(series), 1)
-    fig = Figure(figsize=(max(5.0, min(14.0, 0.8 * n * s / 2 + 3)), 3.4))
+    fig = new_figure((max(5.0, min(14.0, 0.8 * n * s / 2 + 3)), 3.4))
     ax = fig.subplots()
     x = np.arange(n)
     w = 0.8 / s
@@ -159,7 +169,7 @@ def state_over_epochs(epochs: Sequence[int], series: dict[str, np.ndarray],
     keys = list(series)
     cols = min(2, len(keys))
     rows = (len(keys) + cols - 1) // cols
-    fig = Figure(figsize=(11, 3.2 * rows))
+    fig = new_figure((11, 3.2 * rows))
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax, key in zip(axes, keys, strict=False):
         values = series[key]
@@ -169,12 +179,12 @@ def state_over_epochs(epochs: Sequence[int], series: dict[str, np.ndarray],
             ax.plot(epochs, values[:, k], marker=".", color=colors[k],
                     label=str(names[k]) if values.shape[1] > 1 else None)
         ax.set(title=key, xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         if 1 < values.shape[1] <= 20:
             ax.legend(fontsize=6, ncol=2)
     for ax in axes[len(keys):]:
         ax.set_visible(False)
-    fig.tight_layout()
     return fig
 
 
@@ -182,7 +192,7 @@ def avg_vs_worst(points: Sequence[dict[str, Any]], attack: str, baseline: str | 
     """Average against worst-class robust accuracy, one point per method (± std bars).
 
     Each point is ``{"label", "avg", "worst", "avg_std", "worst_std"}`` in [0, 1]."""
-    fig = Figure(figsize=(6.5, 5))
+    fig = new_figure((6.5, 5))
     ax = fig.subplots()
     for p in points:
         is_base = p["label"] == baseline

@@ -138,6 +138,11 @@ def image(b64_png: str, alt: str) -> str:
     return f'<img class="fig" alt="{esc(alt)}" src="data:image/png;base64,{b64_png}">'
 
 
+def figure_grid(images: list[str]) -> str:
+    """Several figures side by side (two per row)."""
+    return f'<div class="figs">{"".join(images)}</div>'
+
+
 def details(summary: str, body: str, open_: bool = False) -> str:
     return (f"<details{' open' if open_ else ''}><summary>{esc(summary)}</summary>"
             f"{body}</details>")
@@ -166,9 +171,10 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.2em .55em;text-align:right}
 thead th{background:#f2f2f2}th[scope=row]{text-align:left;background:#fafafa}
 caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}
-table.settings td{text-align:left}td.worst{background:#fbd5d5;font-weight:700}td.text{text-align:left}
+table.left td,table.left th{text-align:left}td.worst{background:#fbd5d5;font-weight:700}td.text{text-align:left}
 td.pass{background:#d8f3dc}td.fail{background:#fbd5d5}td.warn{background:#fff3bf}
 img.fig{max-width:100%;display:block;margin:.6em 0}
+div.figs{display:flex;flex-wrap:wrap;gap:.5em}div.figs img.fig{max-width:49%}
 p.missing{color:#777;font-style:italic}p.note{color:#555;font-size:.9em}
 details{margin:.4em 0}summary{cursor:pointer;color:#333}
 """

@@ -23,7 +23,19 @@ from ..engine.io import atomic_write_json, atomic_write_text
 from ..errors import UserError
 from . import derive, figures
 from .eps_curve import DEFAULT_FACTORS, eps_curve_for_report
-from .html import Num, Raw, details, esc, image, page, para, pointer, table, unavailable
+from .html import (
+    Num,
+    Raw,
+    details,
+    esc,
+    figure_grid,
+    image,
+    page,
+    para,
+    pointer,
+    table,
+    unavailable,
+)
 from .loading import CHECKS, CONFIG, EPS_CURVE, LOG, SUMMARY, RunFiles, load_run, strongest_attack
 
 DATA = "report_data.json"
@@ -116,7 +128,7 @@ def _settings(ctx: _Ctx) -> str:
                              "checkpoints/last.json"])
     if not rows:
         return unavailable("no config.yaml and no evaluation settings in eval/summary.json")
-    return table(["setting", "value", "from"], rows, css="settings")
+    return table(["setting", "value", "from"], rows, css="left")
 
 
 def _get(d: dict[str, Any], *path: str) -> Any:
@@ -229,13 +241,14 @@ def _per_class(ctx: _Ctx) -> str:
                      f"sample counts as robust only if it resists every one of these attacks. "
                      f"The 'average' row shows the drop-off from attack to attack.", "note")
     clean = s["attacks"].get("clean")
+    images = []
     for name, (col, _) in cols.items():
         if name == "clean":
             continue
         base = clean["per_class"] if clean else [None] * len(col["per_class"])
         fig = figures.class_bars(ctx.names, base, col["per_class"], name, col.get("worst_class"))
-        body += image(figures.to_base64(fig), f"per-class accuracy under {name}")
-    return body
+        images.append(image(figures.to_base64(fig), f"per-class accuracy under {name}"))
+    return body + figure_grid(images)
 
 
 def _class_table(names: list[str], cols: dict[str, tuple[dict[str, Any], str]]) -> str:
@@ -322,7 +335,7 @@ def _similarity(ctx: _Ctx) -> str:
     off = arr.copy()
     np.fill_diagonal(off, np.nan)
     fig = figures.heatmap(off, ctx.names, "class similarity (diagonal left out)", "class j",
-                          "class i")
+                          "class i", annotate=False)
     body = para(f"Class similarity {what}.", "note")
     body += image(figures.to_base64(fig), "class-similarity heatmap")
     body += _top_pairs(arr, ctx.names, src)
@@ -370,8 +383,8 @@ def _eps_curve(ctx: _Ctx) -> str:
     fig = figures.eps_curve(curve["eps"], curve["per_class"], curve["avg"], names,
                             curve.get("attack", "attack"), curve.get("norm", ""))
     body = para(f"{curve.get('attack', 'the attack')} at several radii on a class-stratified "
-                f"subset of the {curve.get('split', 'evaluation')} split (size in the table "
-                f"caption); ε = 0 is clean accuracy. Accuracy should fall as ε grows; a class that "
+                f"subset of the {curve.get('split', 'evaluation')} split (size below the table); "
+                f"ε = 0 is clean accuracy. Accuracy should fall as ε grows; a class that "
                 f"stays high at large ε hints at gradient masking.", "note")
     body += image(figures.to_base64(fig), "accuracy against epsilon per class")
     src = EPS_CURVE + "#"
@@ -393,11 +406,14 @@ def _eps_curve(ctx: _Ctx) -> str:
 
 # ---------------------------------------------------------------------------------- groups
 def _groups(ctx: _Ctx) -> str:
-    body = ""
     s = ctx.rf.summary or {}
-    if isinstance(s.get("groups"), dict | list):
-        body += _generic_numbers(s["groups"], SUMMARY, ("groups",),
-                                 "group figures in eval/summary.json")
+    block = s.get("groups")
+    if _is_group_block(block):
+        return _summary_groups(block, ctx)
+    body = ""
+    if isinstance(block, dict | list):
+        body += _generic_numbers(block, SUMMARY, ("groups",), "group figures in "
+                                 "eval/summary.json")
     if ctx.rf.matrix is not None:
         g = derive.group_accuracy(ctx.rf.matrix)
         if g is not None:
@@ -406,8 +422,70 @@ def _groups(ctx: _Ctx) -> str:
     return body or unavailable("the data has no groups (no 'groups' in the evaluation)")
 
 
+def _is_group_block(block: Any) -> bool:
+    return (isinstance(block, dict) and isinstance(block.get("attacks"), dict)
+            and bool(block["attacks"]) and all(isinstance(v, dict) and "per_group" in v
+                                               for v in block["attacks"].values()))
+
+
+_GROUP_ROWS = (("worst group", "worst_group"), ("best−worst gap", "group_gap"),
+               ("worst (label, group) cell", "worst_label_group"),
+               ("DP difference", "dp_diff"), ("EqOdds difference", "eqodds_diff"),
+               ("EqOpp difference", "eopp_diff"), ("ED (pairwise)", "ed_pairwise"))
+
+
+def _summary_groups(block: dict[str, Any], ctx: _Ctx) -> str:
+    """The group figures that the evaluation wrote into ``summary["groups"]``."""
+    cols = {a: (v, pointer("groups", "attacks", a)) for a, v in block["attacks"].items()}
+    if isinstance(block.get("worst_case"), dict):
+        cols["worst-case"] = (block["worst_case"], pointer("groups", "worst_case"))
+    n = len(next(iter(cols.values()))[0]["per_group"])
+    names = _group_names(ctx.rf.summary or {}, n)
+    fig = figures.grouped_bars(names, {a: v["per_group"] for a, (v, _) in cols.items()},
+                               "accuracy per group")
+    body = image(figures.to_base64(fig), "accuracy per group")
+    src = SUMMARY + "#"
+    counts = block.get("counts")
+    rows = []
+    for k, name in enumerate(names):
+        row: list[Any] = [name]
+        if isinstance(counts, list) and len(counts) == n:
+            row.append(Num(counts[k], src + pointer("groups", "counts", k), "int"))
+        row += [Num(v["per_group"][k], src + p + pointer("per_group", k), "pct",
+                    "worst" if v.get("worst_group_index") == k else "")
+                for v, p in cols.values()]
+        rows.append(row)
+    pad = [""] if isinstance(counts, list) and len(counts) == n else []
+    for label, key in _GROUP_ROWS:
+        if any(key in v for v, _ in cols.values()):
+            rows.append([label] + pad + [Num(v[key], src + p + pointer(key), "pct")
+                                         if key in v else "" for v, p in cols.values()])
+    head = ["group"] + (["count"] if pad else []) + list(cols)
+    body += table(head, rows, caption="accuracy (%) per group and fairness differences (%, "
+                  "fairlearn definitions) under each attack")
+    return body + _label_group_table(cols, names, ctx)
+
+
+def _label_group_table(cols: dict[str, tuple[dict[str, Any], str]], names: list[str],
+                       ctx: _Ctx) -> str:
+    attack = strongest_attack([a for a in cols if a != "worst-case"], ctx.rf.summary,
+                              allow_worst_case=False)
+    if attack is None or not isinstance(cols[attack][0].get("per_label_group"), list):
+        return ""
+    v, p = cols[attack]
+    cells = v["per_label_group"]
+    if len(cells) != len(ctx.names):
+        return ""
+    rows = [[cname] + [Num(x, f"{SUMMARY}#{p}{pointer('per_label_group', i, k)}", "pct")
+                       for k, x in enumerate(r)]
+            for i, (cname, r) in enumerate(zip(ctx.names, cells, strict=True))]
+    return details(f"accuracy (%) per (class, group) under {attack}",
+                   table(["class \\ group"] + names, rows))
+
+
 def _group_names(summary: dict[str, Any], n: int) -> list[str]:
     names = _get(summary, "groups", "names") or _get(summary, "settings", "group_names")
+    names = [f"group {x}" if str(x).isdigit() else x for x in names] if names else names
     if isinstance(names, list) and len(names) == n:
         return [str(x) for x in names]
     return [f"group {k}" for k in range(n)]
@@ -458,7 +536,12 @@ def _method_state(ctx: _Ctx) -> str:
         c = ctx.rf.num_classes()
         arrays = {"/".join([s["part"], *s["path"]]): derive.as_array(s["values"])
                   for s in series}
-        names_for = {k: ctx.names for k, a in arrays.items() if a.shape[1] == c and c > 1}
+        summary = ctx.rf.summary or {}
+        n_groups = _get(summary, "groups", "num_groups")
+        groups = _group_names(summary, n_groups) if isinstance(n_groups, int) else []
+        names_for = {k: ctx.names if a.shape[1] == c else groups for k, a in arrays.items()
+                     if (a.shape[1] == c and c > 1) or (len(groups) > 1 and
+                                                       a.shape[1] == len(groups))}
         epochs = series[0]["epochs"]
         same_epochs = all(s["epochs"] == epochs for s in series)
         if same_epochs:
@@ -500,7 +583,8 @@ def _checks(ctx: _Ctx) -> str:
     if not rows:
         return _generic_numbers(ctx.rf.checks, CHECKS, (), "eval/checks.json") or unavailable(
             "eval/checks.json holds no check")
-    return table(["check", "verdict", "details"], rows, caption="sanity checks of the evaluation")
+    return table(["check", "verdict", "details"], rows, caption="sanity checks of the evaluation",
+                 css="left")
 
 
 _VERDICT_KEYS = ("passed", "ok", "pass", "status", "verdict", "result", "flag")
