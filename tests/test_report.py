@@ -260,8 +260,9 @@ def _hand_made_run(root: Path) -> Path:
                     "robust_attack": "pgd10"},
             "policy": {"class_weights": [1.0, 1.0 - 0.1 * e, 1.0 + 0.1 * e],
                        "eps_scale": [1.0, 0.9, 1.1 + 0.01 * e], "stage": "warmup"},
-            "sampler": {"lambda": [0.5, 0.5 - 0.05 * e], "mu": [0.25 * e, 1.0 - 0.25 * e],
-                        "inner": {"temperature": 1.0 / e}},
+            "sampler": {"lambda": [[0.5, 0.5 - 0.05 * e], [0.4, 0.6], [0.3, 0.7]],
+                        "mu": [0.25 * e, 1.0 - 0.25 * e], "inner": {"temperature": 1.0 / e},
+                        "history": [{"step": e, "gap": 0.1}]},
         })
     (run / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (run / "eval" / "checks.json").write_text(json.dumps({"checks": [
@@ -309,12 +310,17 @@ def test_hand_made_evaluation_report(tmp_path: Path) -> None:
     assert "young" in page.sections["groups"] and "old" in page.sections["groups"]
     # method state: every per-class / per-group list of the log, per epoch
     for i in range(3):
-        for key, n in (("policy/class_weights", 3), ("policy/eps_scale", 3),
-                       ("sampler/lambda", 2), ("sampler/mu", 2)):
+        for key, n in (("policy/class_weights", 3), ("policy/eps_scale", 3), ("sampler/mu", 2)):
             for j in range(n):
                 assert f"log.jsonl#/{i}/{key}/{j}" in shown
+        for y in range(3):  # Dr-Fairness' λ per (label, group)
+            for z in range(2):
+                assert f"log.jsonl#/{i}/sampler/lambda/{y}/{z}" in shown
         assert f"log.jsonl#/{i}/sampler/inner/temperature" in shown
+        assert not any(k.startswith(f"log.jsonl#/{i}/sampler/history") for k in shown)
     assert shown["log.jsonl#/2/policy/class_weights/2"] == "1.3"
+    state = page.sections["method-state"]
+    assert "dog / old" in state and "young" in state  # columns named by class and group
     assert "cam_examples.png" in page.sections["method-state"]
     # similarity read from the analysis JSON, not recomputed
     assert shown["analysis/class_distance.json#/similarity/1/0"] == "0.3"

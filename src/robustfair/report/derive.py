@@ -63,14 +63,21 @@ def _flatten(d: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str,
     return out
 
 
-def _numbers(v: Any) -> list[float] | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int | float):
-        return [float(v)]
-    if isinstance(v, list) and v and all(
-            isinstance(x, int | float) and not isinstance(x, bool) for x in v):
-        return [float(x) for x in v]
+def _is_num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _numbers(v: Any) -> tuple[list[float], list[tuple[int, ...]]] | None:
+    """A scalar, a list or a rectangular list of lists of numbers, flattened, with the index
+    of each entry; ``None`` for anything else."""
+    if _is_num(v):
+        return [float(v)], [()]
+    if isinstance(v, list) and v and all(_is_num(x) for x in v):
+        return [float(x) for x in v], [(i,) for i in range(len(v))]
+    if (isinstance(v, list) and v and all(isinstance(r, list) and r for r in v)
+            and len({len(r) for r in v}) == 1 and all(_is_num(x) for r in v for x in r)):
+        return ([float(x) for r in v for x in r],
+                [(i, j) for i in range(len(v)) for j in range(len(v[0]))])
     return None
 
 
@@ -78,10 +85,11 @@ def method_state(log_lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Numbers the method's policy and sampler logged over epochs.
 
     Each ``log.jsonl`` line may hold ``"policy"`` and ``"sampler"`` dicts (e.g. DAFA's class
-    weights, FRL's class-wise ε, Dr-Fairness' λ and μ). Every numeric scalar or list of numbers
-    found there (nested dicts are walked) becomes one series: ``{"part", "path", "epochs",
-    "lines", "values"}`` where ``values[e]`` is the list logged at ``epochs[e]`` (taken from
-    ``log.jsonl`` line ``lines[e]``). Keys whose list length changes between epochs are skipped.
+    weights, FRL's class-wise ε, Dr-Fairness' λ and μ per label and group). Every numeric scalar,
+    list of numbers or rectangular list of lists found there (nested dicts are walked) becomes
+    one series ``{"part", "path", "epochs", "lines", "index", "shape", "values"}``: ``values[e]``
+    is the flattened entry logged at ``epochs[e]`` (``log.jsonl`` line ``lines[e]``) and
+    ``index[k]`` the position of its ``k``-th number. Keys whose shape changes are skipped.
     """
     series: dict[tuple[str, ...], dict[str, Any]] = {}
     for i, line in enumerate(log_lines):
@@ -90,17 +98,20 @@ def method_state(log_lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not isinstance(d, dict):
                 continue
             for path, v in _flatten(d).items():
-                nums = _numbers(v)
-                if nums is None:
+                found = _numbers(v)
+                if found is None:
                     continue
-                key = (part, *path)
-                s = series.setdefault(key, {"part": part, "path": list(path), "epochs": [],
-                                            "lines": [], "values": [], "scalar": not
-                                            isinstance(v, list)})
+                nums, index = found
+                s = series.setdefault((part, *path), {
+                    "part": part, "path": list(path), "epochs": [], "lines": [],
+                    "index": index, "values": [], "consistent": True,
+                    "shape": [len(v), len(v[0])] if index and len(index[0]) == 2 else
+                    [len(v)] if index and len(index[0]) == 1 else []})
+                s["consistent"] &= s["index"] == index
                 s["epochs"].append(int(line.get("epoch", i + 1)))
                 s["lines"].append(i)
                 s["values"].append(nums)
-    return [s for s in series.values() if len({len(v) for v in s["values"]}) == 1]
+    return [s for s in series.values() if s.pop("consistent")]
 
 
 def as_array(values: list[list[float]]) -> np.ndarray:

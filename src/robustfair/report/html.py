@@ -171,7 +171,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.2em .55em;text-align:right}
 thead th{background:#f2f2f2}th[scope=row]{text-align:left;background:#fafafa}
 caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}
-table.left td,table.left th{text-align:left}td.worst{background:#fbd5d5;font-weight:700}td.text{text-align:left}
+table.left td,table.left th{text-align:left}table.left th[scope=row]{white-space:nowrap}td.worst{background:#fbd5d5;font-weight:700}td.text{text-align:left}
 td.pass{background:#d8f3dc}td.fail{background:#fbd5d5}td.warn{background:#fff3bf}
 img.fig{max-width:100%;display:block;margin:.6em 0}
 div.figs{display:flex;flex-wrap:wrap;gap:.5em}div.figs img.fig{max-width:49%}

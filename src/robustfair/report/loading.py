@@ -157,18 +157,31 @@ def find_similarity_json(run_dir: Path, num_classes: int) -> tuple[str, dict[str
     return None
 
 
-def similarity_pointer(data: Any, c: int, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
-    """Path of keys to the first C×C numeric matrix under a key that names a similarity."""
-    if isinstance(data, dict):
-        ranked = sorted(data, key=lambda k: 0 if re.search(r"simil", str(k), re.I) else 1)
-        for k in ranked:
-            v = data[k]
-            if re.search(r"simil|^p$|confusion|class_distance", str(k), re.I) and _square(v, c):
-                return (*path, str(k))
-            found = similarity_pointer(v, c, (*path, str(k))) if isinstance(v, dict) else None
-            if found is not None:
-                return found
+#: key names of a class-similarity matrix, most specific first
+_SIM_KEYS = (r"simil", r"^p$", r"confusion", r"matrix")
+
+
+def similarity_pointer(data: Any, c: int) -> tuple[str, ...] | None:
+    """Path of keys to a C×C numeric matrix under a key that names a similarity (tried in the
+    order of :data:`_SIM_KEYS`; a matrix under a key naming a distance is never taken)."""
+    found = _square_paths(data, c, ())
+    for pattern in _SIM_KEYS:
+        for path in found:
+            if re.search(pattern, path[-1], re.I) and not re.search("dist", path[-1], re.I):
+                return path
     return None
+
+
+def _square_paths(data: Any, c: int, path: tuple[str, ...]) -> list[tuple[str, ...]]:
+    if not isinstance(data, dict):
+        return []
+    out = []
+    for k, v in data.items():
+        if _square(v, c):
+            out.append((*path, str(k)))
+        elif isinstance(v, dict):
+            out += _square_paths(v, c, (*path, str(k)))
+    return out
 
 
 def _square(v: Any, c: int) -> bool:

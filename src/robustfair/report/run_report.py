@@ -318,7 +318,7 @@ def _similarity(ctx: _Ctx) -> str:
         path = similarity_pointer(data, ctx.rf.num_classes()) or ()
         mat = _get(data, *path)
         src = f"{rel}#{pointer(*path)}"
-        what = f"read from {rel} (written by 'robustfair analyze')"
+        what = f"read from {rel}, key {'/'.join(path)!r} (written by 'robustfair analyze')"
     else:
         attack = _matrix_attack(ctx)
         if attack is None:
@@ -346,10 +346,10 @@ def _similarity(ctx: _Ctx) -> str:
 
 
 def _top_pairs(arr: np.ndarray, names: list[str], src: str, k: int = 5) -> str:
-    off = arr.copy()
+    off = np.where(np.isnan(arr), -np.inf, arr)
     np.fill_diagonal(off, -np.inf)
-    flat = np.nan_to_num(off, nan=-np.inf).ravel()
-    order = [int(t) for t in np.argsort(-flat, kind="stable")[:k] if np.isfinite(flat[t])]
+    flat = off.ravel()
+    order = [int(t) for t in np.argsort(-flat, kind="stable")[:k] if flat[t] > 0]
     c = len(names)
     rows = [[f"{names[t // c]} → {names[t % c]}",
              Num(float(arr[t // c, t % c]), f"{src}{pointer(t // c, t % c)}", "num")]
@@ -533,18 +533,11 @@ def _method_state(ctx: _Ctx) -> str:
     series = derive.method_state(ctx.rf.log)
     body = ""
     if series:
-        c = ctx.rf.num_classes()
         arrays = {"/".join([s["part"], *s["path"]]): derive.as_array(s["values"])
                   for s in series}
-        summary = ctx.rf.summary or {}
-        n_groups = _get(summary, "groups", "num_groups")
-        groups = _group_names(summary, n_groups) if isinstance(n_groups, int) else []
-        names_for = {k: ctx.names if a.shape[1] == c else groups for k, a in arrays.items()
-                     if (a.shape[1] == c and c > 1) or (len(groups) > 1 and
-                                                       a.shape[1] == len(groups))}
+        names_for = {k: _state_names(s, ctx) for k, s in zip(arrays, series, strict=True)}
         epochs = series[0]["epochs"]
-        same_epochs = all(s["epochs"] == epochs for s in series)
-        if same_epochs:
+        if all(s["epochs"] == epochs for s in series):
             fig = figures.state_over_epochs(epochs, arrays, names_for)
             body += image(figures.to_base64(fig), "method state over epochs")
         else:
@@ -552,7 +545,7 @@ def _method_state(ctx: _Ctx) -> str:
                 fig = figures.state_over_epochs(s["epochs"], {k: arrays[k]}, names_for)
                 body += image(figures.to_base64(fig), f"{k} over epochs")
         for key, s in zip(arrays, series, strict=True):
-            body += details(f"{key} per epoch", _state_table(s, names_for.get(key)))
+            body += details(f"{key} per epoch", _state_table(s, names_for[key]))
     for p in ctx.rf.cam_images:
         rel = p.relative_to(ctx.rf.run_dir)
         b64 = base64.b64encode(p.read_bytes()).decode("ascii")
@@ -562,17 +555,36 @@ def _method_state(ctx: _Ctx) -> str:
         "('robustfair analyze RUN_DIR --cam' writes one)")
 
 
-def _state_table(s: dict[str, Any], names: list[str] | None) -> str:
-    k = len(s["values"][0])
-    head = ["epoch"] + (names if names else ([s["path"][-1]] if s["scalar"] else
-                                             [str(i) for i in range(k)]))
+def _state_names(s: dict[str, Any], ctx: _Ctx) -> list[str]:
+    """Column names: class or group names where the length says so, else the indices."""
+    c = ctx.rf.num_classes()
+    summary = ctx.rf.summary or {}
+    n_groups = _get(summary, "groups", "num_groups")
+    groups = _group_names(summary, n_groups) if isinstance(n_groups, int) else []
+
+    def axis(n: int) -> list[str]:
+        if n == c and c > 1:
+            return ctx.names
+        if n == len(groups) and n > 1:
+            return groups
+        return [str(i) for i in range(n)]
+
+    if not s["shape"]:
+        return [s["path"][-1]]
+    if len(s["shape"]) == 1:
+        return axis(s["shape"][0])
+    rows, cols = axis(s["shape"][0]), axis(s["shape"][1])
+    return [f"{rows[i]} / {cols[j]}" for i, j in s["index"]]
+
+
+def _state_table(s: dict[str, Any], names: list[str]) -> str:
     rows = []
     for e, line, values in zip(s["epochs"], s["lines"], s["values"], strict=True):
         base = pointer(line, s["part"], *s["path"])
-        cells = [Num(v, f"{LOG}#{base}" if s["scalar"] else f"{LOG}#{base}{pointer(j)}", "num")
-                 for j, v in enumerate(values)]
+        cells = [Num(v, f"{LOG}#{base}{pointer(*idx)}", "num")
+                 for idx, v in zip(s["index"], values, strict=True)]
         rows.append([Num(e, f"{LOG}#{pointer(line, 'epoch')}", "int")] + cells)
-    return table(head, rows)
+    return table(["epoch"] + names, rows)
 
 
 # ---------------------------------------------------------------------------------- checks
