@@ -189,3 +189,41 @@ def test_fairbatch_synthetic_has_a_correlated_group() -> None:
     y, z = b.train.y, b.train.group
     p1, p0 = float(z[y == 1].float().mean()), float(z[y == 0].float().mean())
     assert p1 > p0 + 0.2
+
+
+@pytest.mark.slow
+def test_resnet50_loads_a_local_imagenet_file_except_fc(tmp_path) -> None:
+    from torchvision.models import resnet50
+
+    from robustfair.models import build_model
+    from robustfair.samplers.drfairness import last_linear
+
+    src = resnet50(weights=None)
+    torch.save(src.state_dict(), tmp_path / "r50.pth")
+    m = build_model("resnet50", 3, 2, 16, (0.5,) * 3, (0.5,) * 3,
+                    weights=str(tmp_path / "r50.pth"), resize=32)
+    assert torch.equal(m.net.body.conv1.weight, src.conv1.weight)
+    assert last_linear(m) is m.net.body.fc and m.net.body.fc.out_features == 2
+    m.eval()
+    assert m(torch.rand(2, 3, 16, 16)).shape == (2, 2)
+    with pytest.raises(UserError, match="weights"):
+        build_model("resnet50", 3, 2, 16, weights=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.slow
+def test_generate_command_writes_folders_the_benchmark_loads(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from robustfair.cli import cli
+
+    out = tmp_path / "gen"
+    res = CliRunner().invoke(cli, ["generate", str(out), "--per-cell", "5", "--quality", "0.5",
+                                   "--components", "8", "--modes", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "large_inverted: 5" in res.output
+    b = load_data(DataConfig(name="mnist5k-groups", params={"generated": str(out),
+                                                            "gen_val": 4}))
+    assert len(b.extra["gen_val"]) == 4
+    assert int((b.train.source == 1).sum()) == 16
+    gen = b.train.subset(torch.nonzero(b.train.source == 1).flatten()).concat(b.extra["gen_val"])
+    assert torch.bincount(gen.y * 2 + gen.group, minlength=4).tolist() == [5] * 4
