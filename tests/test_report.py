@@ -357,12 +357,16 @@ def test_groups_recomputed_from_the_matrix_when_the_summary_has_none(tmp_path: P
 def test_report_tolerates_a_run_with_only_a_config(tmp_path: Path) -> None:
     run = tmp_path / "fresh"
     run.mkdir()
-    (run / "config.yaml").write_text("name: fresh\nseed: 4\nattack: {eps: 0.1, norm: linf}\n")
+    (run / "config.yaml").write_text("name: fresh\nseed: 4\ndata: {name: digits}\n"
+                                     "model: {name: mlp}\nattack: {eps: 0.1, norm: linf}\n")
+    (run / "checkpoints").mkdir()  # a download gone wrong: HTML instead of a checkpoint
+    (run / "checkpoints" / "last.pt").write_text("<html>not a checkpoint</html>")
     build_report(run, ReportOptions())
     page = parse(run / "report.html")
     check_every_number(run, page)
     assert not missing(page, "settings")
     assert all(missing(page, sid) for sid in SECTIONS if sid != "settings")
+    assert "could not be computed" in page.sections["eps-curve"]
 
 
 def test_cli_report_quiet_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]

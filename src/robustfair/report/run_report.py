@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ from .html import (
     unavailable,
 )
 from .loading import CHECKS, CONFIG, EPS_CURVE, LOG, SUMMARY, RunFiles, load_run, strongest_attack
+
+log = logging.getLogger("robustfair")
 
 DATA = "report_data.json"
 
@@ -361,6 +364,7 @@ def _top_pairs(arr: np.ndarray, names: list[str], src: str, k: int = 5) -> str:
 def _eps_curve(ctx: _Ctx) -> str:
     rf, o = ctx.rf, ctx.opts
     curve = rf.eps_curve
+    failed = ""
     if o.eps_curve and (rf.run_dir / "checkpoints" / "last.pt").exists() and (
             rf.run_dir / CONFIG).exists():
         done = [0]
@@ -369,14 +373,19 @@ def _eps_curve(ctx: _Ctx) -> str:
             done[0] += n
             ctx.tick(n)
 
-        curve = eps_curve_for_report(rf.run_dir, curve, o.eps_factors, o.eps_attack, o.eps_n,
-                                     progress=tick, recompute=o.recompute_eps_curve)
+        try:
+            curve = eps_curve_for_report(rf.run_dir, curve, o.eps_factors, o.eps_attack,
+                                         o.eps_n, progress=tick, recompute=o.recompute_eps_curve)
+        except UserError as exc:
+            log.warning("warning: no ε curve: %s", exc)
+            failed = f"the ε curve could not be computed ({exc})"
         ctx.tick(len(o.eps_factors) - done[0])
     elif o.eps_curve:
         ctx.tick(len(o.eps_factors))
     if curve is None:
-        why = ("skipped (--no-eps-curve)" if not o.eps_curve else
-               "no checkpoint to attack (checkpoints/last.pt) and no eval/eps_curve.json")
+        why = failed or ("skipped (--no-eps-curve)" if not o.eps_curve else
+                         "no checkpoint to attack (checkpoints/last.pt) and no "
+                         "eval/eps_curve.json")
         return unavailable(why)
     names = ctx.names if len(ctx.names) == len(curve["per_class"][0]) else [
         str(k) for k in range(len(curve["per_class"][0]))]
