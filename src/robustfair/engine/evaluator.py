@@ -38,13 +38,23 @@ class EvalResult:
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"settings": self.settings, "n": int(len(self.labels)),
                                "num_classes": self.num_classes, "attacks": {}}
-        for i, a in enumerate(self.attacks):
-            out["attacks"][a] = class_summary(self.correct[i], self.labels, self.num_classes)
-        adv = [i for i, a in enumerate(self.attacks) if a != "clean"]
+        # a row "PARENT/STAGE" is the cumulative result of an ensemble (AutoAttack) after STAGE
+        main = [i for i, a in enumerate(self.attacks) if "/" not in a]
+        for i in main:
+            out["attacks"][self.attacks[i]] = class_summary(self.correct[i], self.labels,
+                                                            self.num_classes)
+        adv = [i for i in main if self.attacks[i] != "clean"]
         if len(adv) > 1:
             out["worst_case"] = class_summary(self.correct[adv].all(0), self.labels,
                                               self.num_classes)
             out["worst_case"]["over"] = [self.attacks[i] for i in adv]
+        for i, a in enumerate(self.attacks):
+            if "/" in a:
+                parent, stage = a.split("/", 1)
+                out.setdefault("stages", {}).setdefault(parent, {})[stage] = class_summary(
+                    self.correct[i], self.labels, self.num_classes)
+        out["confusion"] = {self.attacks[i]: self.confusion(self.attacks[i]).tolist()
+                            for i in main}
         for hook in SUMMARY_HOOKS:
             hook(self, out)
         return out

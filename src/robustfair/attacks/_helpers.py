@@ -1,0 +1,72 @@
+"""Helpers shared by the AutoAttack family (APGD, FAB, Square): ε rows, seeded generators,
+margins and the "attack only what is still classified correctly" bookkeeping."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def eps_rows(eps: Tensor, idx: Tensor, n: int) -> Tensor:
+    """The rows ``idx`` of an ε broadcast to a batch of ``n`` (shared ε is returned as is)."""
+    if eps.dim() > 0 and eps.shape[0] == n and n > 1:
+        return eps[idx]
+    return eps
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A private generator seeded with ``seed`` (None: use torch's global generator)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def rand_sign(shape: tuple[int, ...] | list[int], like: Tensor,
+              generator: torch.Generator | None) -> Tensor:
+    """Uniform random ±1 of the given shape, on ``like``'s device and dtype."""
+    u = torch.rand(tuple(shape), generator=generator, device=like.device, dtype=like.dtype)
+    return torch.where(u < 0.5, -torch.ones_like(u), torch.ones_like(u))
+
+
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """z_y − max_{j≠y} z_j per sample (positive while the sample is classified correctly)."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    return z_y - other
+
+
+def clean_correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> Tensor:
+    """Boolean (N,): the model classifies the natural image correctly."""
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
+                          for i in range(0, len(x), batch_size)]) if len(x) else \
+            torch.zeros(0, dtype=torch.bool, device=x.device)
+
+
+def sorted_classes(model: nn.Module, x: Tensor) -> Tensor:
+    """Classes ordered by the clean logits, highest first (N, C): the APGD-T / FAB-T targets."""
+    with torch.no_grad():
+        return model(x).argsort(dim=1, descending=True)
+
+
+def n_targets(num_classes: int, requested: int | None) -> int:
+    """Target classes of the targeted attacks: ``min(9, C − 1)`` unless set (Croce & Hein 2020)."""
+    cap = num_classes - 1
+    return max(1, min(cap, 9 if requested is None else requested))
+
+
+def cross_entropy(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """Per-sample cross-entropy (the APGD-CE loss)."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def lp_dims(x: Tensor) -> list[int]:
+    return list(range(1, x.dim()))
+
+
+def view_n(t: Tensor, x: Tensor) -> Tensor:
+    """(N,) → (N, 1, …, 1) to broadcast against ``x``."""
+    return t.view([-1] + [1] * (x.dim() - 1))
