@@ -35,7 +35,12 @@ def train_run(cfg: Any, run_dir: Path | None = None, resume: bool = False, force
         raise UserError(f"nothing to resume: {str(target)!r} has no run; drop --resume")
     data = load_data(cfg.data)
     trainer = Trainer(cfg, target, data=data, quiet=quiet)
-    path = prepare_run_dir(cfg, force=force, resume=resume, run_dir=target)
+    path = target
+    if trainer.is_main:
+        path = prepare_run_dir(cfg, force=force, resume=resume, run_dir=target)
+    from ..engine import distributed
+
+    distributed.barrier()
     trainer.run_dir = path
     trainer.fit(resume=resume)
     summary = trainer.final_eval() if evaluate else None
@@ -51,8 +56,10 @@ def train_run(cfg: Any, run_dir: Path | None = None, resume: bool = False, force
 @click.option("--force", is_flag=True, help="Delete an existing run directory of that name.")
 @click.option("--no-eval", is_flag=True, help="Skip the final evaluation on the test split.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines.")
+@click.option("--check", is_flag=True,
+              help="Validate the config and the data, print the resolved config, train nothing.")
 def train(config: str | None, recipe: str | None, overrides: tuple[str, ...], resume: bool,
-          force: bool, no_eval: bool, quiet: bool) -> None:
+          force: bool, no_eval: bool, quiet: bool, check: bool) -> None:
     """Train a model from CONFIG (a YAML file, or a run directory to --resume) or --recipe."""
     setup_logging(quiet)
     if config is None and recipe is None:
@@ -60,6 +67,15 @@ def train(config: str | None, recipe: str | None, overrides: tuple[str, ...], re
     cfg, run_dir = _config_for(config, recipe, list(overrides))
     if run_dir is not None and not resume:
         raise UserError(f"{config!r} is a run directory; add --resume to continue it")
+    if check:
+        from ..config import dump_config
+        from ..data import load_data
+
+        data = load_data(cfg.data)
+        click.echo(dump_config(cfg).rstrip())
+        click.echo(f"# ok: {cfg.data.name} with {len(data.train)} training, {len(data.val)} "
+                   f"validation and {len(data.test)} test images")
+        return
     t0 = time.perf_counter()
     path, summary = train_run(cfg, run_dir, resume=resume, force=force, quiet=quiet,
                               evaluate=not no_eval)

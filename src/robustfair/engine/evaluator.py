@@ -135,11 +135,16 @@ def evaluate(
     correct = torch.zeros(len(built), n, dtype=torch.bool)
     pred = torch.zeros(len(built), n, dtype=torch.long)
     num_classes = num_classes or int(data.y.max()) + 1
+    from . import distributed
+
+    order = torch.arange(n)
+    if distributed.active():  # each process attacks its share; the matrix is summed after
+        order = order[distributed.rank() :: distributed.world_size()]
     gen_state = torch.get_rng_state()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + distributed.rank())
     try:
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(start + batch_size, n))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
             x = data.images(idx).to(device)
             y = data.y[idx.to(data.y.device)].to(device)
             for i, atk in enumerate(built):
@@ -152,6 +157,11 @@ def evaluate(
                 progress(len(idx))
     finally:
         torch.set_rng_state(gen_state)
+    if distributed.active():
+        both = torch.cat([correct.long(), pred]).to(device)
+        distributed.all_reduce_sum(both)
+        both = both.cpu()
+        correct, pred = both[: len(built)].bool(), both[len(built) :]
     settings = {
         "eps": eps, "norm": norm, "seed": seed, "n": n,
         "attacks": [a.describe() for a in built],

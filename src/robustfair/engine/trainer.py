@@ -29,6 +29,7 @@ from ..objectives import OBJECTIVES, BuildContext
 from ..policies import POLICIES, EpochContext
 from ..samplers import SAMPLERS
 from ..weights import WEIGHTS
+from . import distributed
 from .evaluator import EvalResult, evaluate
 from .io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .schedule import lr_at
@@ -110,7 +111,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.quiet = quiet or not cfg.logging.progress
         set_determinism(cfg.deterministic)
-        self.device = resolve_device(cfg.device)
+        self.rank, self.world, ddp_device = distributed.init(cfg.device)
+        self.is_main = self.rank == 0
+        self.device = ddp_device if ddp_device is not None else resolve_device(cfg.device)
+        if not self.is_main:
+            quiet = True
         torch.manual_seed(cfg.seed)
         self.data = data if data is not None else load_data(cfg.data)
         self._build()
@@ -150,8 +155,16 @@ class Trainer:
 
             self.awp = AWP(self.model, cfg.train.awp.gamma, self.build_model_like)
         self.forward_model: nn.Module = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = DDP(self.model, device_ids=ids)
+            if any(p.requires_grad for p in self.objective.parameters()):
+                self.objective_ddp = DDP(self.objective, device_ids=ids,
+                                         find_unused_parameters=True)
         if cfg.train.compile:
-            self.forward_model = torch.compile(self.model)  # type: ignore[assignment]
+            self.forward_model = torch.compile(self.forward_model)  # type: ignore[assignment]
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -230,11 +243,36 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        path = self.run_dir / "checkpoints" / "last.pt"
+        """Load ``checkpoints/last.pt`` (hash-checked) and make the run directory agree with it:
+        drop temporary files of an interrupted write and log lines newer than the checkpoint."""
+        from .integrity import verify_checkpoint
+
+        ckdir = self.run_dir / "checkpoints"
+        for tmp in ckdir.glob(".*.tmp") if ckdir.exists() else []:
+            tmp.unlink(missing_ok=True)
+        path = ckdir / "last.pt"
         if not path.exists():
+            self._repair_log(0)
             return False
+        verify_checkpoint(path)
         self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        self._repair_log(self.epoch)
         return True
+
+    def _repair_log(self, epoch: int) -> None:
+        """Keep only complete log lines of epochs up to ``epoch`` (a kill can tear the last)."""
+        log_path = self.run_dir / "log.jsonl"
+        if not log_path.exists():
+            return
+        keep = []
+        for line in log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and int(rec.get("epoch", 0)) <= epoch:
+                keep.append(line)
+        atomic_write_text(log_path, "".join(k + "\n" for k in keep))
 
     # ------------------------------------------------------------------ training
     def eval_model(self) -> nn.Module:
@@ -259,6 +297,9 @@ class Trainer:
     def train_step(self, idx: Tensor, stats: dict[str, Tensor]) -> Tensor:
         cfg = self.cfg
         torch.manual_seed(step_seed(cfg.seed, self.global_step))
+        global_size = len(idx)
+        if self.world > 1:
+            idx = distributed.shard(idx)
         x, y, idx_d = self._batch(idx)
         model = self.forward_model
         model.train()
@@ -272,11 +313,17 @@ class Trainer:
             eps, step = eps * s, step * s
         if self.awp is not None and self.epoch >= cfg.train.awp.warmup:
             self.awp.perturb(self.model, self.objective, x, y, eps, step, self.policy)
+        objective = getattr(self, "objective_ddp", self.objective)
         with self._autocast():
-            out = self.objective(model, x, y, eps, step)
+            out = objective(model, x, y, eps, step)
             per = self.policy.combine(out, y) * self.weights(y)
-            loss = per.float().mean()
-        if not bool(torch.isfinite(loss)):
+            # the sum over the global batch / its size: equal to a single process's mean
+            loss = per.float().sum() * (self.world / global_size)
+        if self.world > 1:
+            check = distributed.all_reduce_sum(loss.detach().clone().reshape(1))
+        else:
+            check = loss
+        if not bool(torch.isfinite(check).all()):
             last = self.run_dir / "checkpoints" / "last.pt"
             where = str(last) if last.exists() else "none yet"
             raise TrainingDiverged(
@@ -296,7 +343,7 @@ class Trainer:
         with torch.no_grad():
             c = self.data.num_classes
             stats["count"] += torch.bincount(y, minlength=c)
-            stats["loss"] += loss.detach() * len(y)
+            stats["loss"] += per.detach().float().sum()
             if out.logits_clean is not None:
                 stats["clean_correct"] += torch.bincount(
                     y, weights=(out.logits_clean.argmax(1) == y).float(), minlength=c)
@@ -382,11 +429,9 @@ class Trainer:
             bar = tqdm(total=len(batches), initial=self.step_in_epoch,
                        desc=f"{cfg.name} epoch {e}/{cfg.train.epochs}", unit="batch",
                        leave=False, dynamic_ncols=True)
-        losses = []
         for k in range(self.step_in_epoch, len(batches)):
             idx = batches[k]
             loss = self.train_step(idx, stats)
-            losses.append(loss)
             seen += len(idx)
             self.global_step += 1
             self.step_in_epoch = k + 1
@@ -398,10 +443,14 @@ class Trainer:
             every = cfg.train.checkpoint_every_steps
             if every and self.global_step % every == 0 and self.step_in_epoch < len(batches):
                 self._stash_stats(stats)
-                self.save("last")
+                if self.is_main:
+                    self.save("last")
         if bar is not None:
             bar.close()
         train_time = time.perf_counter() - t0
+        if self.world > 1:
+            for v in stats.values():
+                distributed.all_reduce_sum(v)
         self.epoch = e
         self.step_in_epoch = 0
         val = self.validate() if cfg.validation.every and e % cfg.validation.every == 0 else {}
@@ -410,15 +459,6 @@ class Trainer:
         self.sampler.on_epoch_end(self._epoch_context(stats))
         self._stash_stats(None)
         metric = val.get("robust", val.get("clean", {})).get("avg", -1.0) if val else -1.0
-        self.save("last")
-        if metric >= self.best_metric:
-            self.best_metric = metric
-            shutil.copyfile(self.run_dir / "checkpoints" / "last.pt",
-                            self.run_dir / "checkpoints" / ".best.pt.tmp")
-            os.replace(self.run_dir / "checkpoints" / ".best.pt.tmp",
-                       self.run_dir / "checkpoints" / "best.pt")
-            shutil.copyfile(self.run_dir / "checkpoints" / "last.json",
-                            self.run_dir / "checkpoints" / "best.json")
         cnt = stats["count"].clamp_min(1).float()
         line = {
             "epoch": e, "lr": lr, "global_step": self.global_step,
@@ -434,8 +474,20 @@ class Trainer:
             line["policy"] = pol
         if smp:
             line["sampler"] = smp
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, default=float) + "\n")
+        is_best = metric >= self.best_metric
+        if is_best:
+            self.best_metric = metric
+        if self.is_main:
+            # the log line first, then the checkpoint: a kill in between re-runs this epoch
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line, default=float) + "\n")
+            self.save("last")
+            if is_best:
+                ck = self.run_dir / "checkpoints"
+                shutil.copyfile(ck / "last.pt", ck / ".best.pt.tmp")
+                os.replace(ck / ".best.pt.tmp", ck / "best.pt")
+                shutil.copyfile(ck / "last.json", ck / ".best.json.tmp")
+                os.replace(ck / ".best.json.tmp", ck / "best.json")
         if writer is not None:
             _tb_write(writer, line, e)
         if not self.quiet:
