@@ -40,7 +40,7 @@ def test_step_and_exp_imbalance():
     step = torch.bincount(imbalance(d, "step", 10, 10).y, minlength=10).tolist()
     assert step == [100] * 5 + [10] * 5
     exp = torch.bincount(imbalance(d, "exp", 100, 10).y, minlength=10).tolist()
-    assert exp[0] == 100 and exp[-1] == 1 and all(a >= b for a, b in zip(exp, exp[1:]))
+    assert exp[0] == 100 and exp[-1] == 1 and all(a >= b for a, b in zip(exp, exp[1:], strict=False))
 
 
 def test_holdout_counts():

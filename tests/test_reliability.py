@@ -29,7 +29,7 @@ TINY = {
     "model": {"name": "mlp", "params": {"hidden": [32]}},
     "method": {"objective": {"name": "pgd_at"}},
     "attack": {"eps": 0.1, "step_size": 0.03, "steps": 3},
-    "train": {"epochs": 3, "batch_size": 64, "checkpoint_every_steps": 2,
+    "train": {"epochs": 3, "batch_size": 64, "checkpoint_every_steps": 1,
               "optimizer": {"lr": 0.05}},
     "validation": {"n": 50, "attack": "fgsm"},
     "logging": {"progress": False},
@@ -46,40 +46,54 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
 
 
-@pytest.mark.timeout(600)
+def _timed_run(args: list[str], cwd: Path, marker: Path) -> tuple[float, float]:
+    """Run to completion; return (start-up time until ``marker`` exists, training time)."""
+    t0 = time.monotonic()
+    p = cli_proc(args, cwd)
+    t_marker = None
+    while p.poll() is None:
+        if t_marker is None and marker.exists():
+            t_marker = time.monotonic()
+        time.sleep(0.02)
+    assert p.returncode == 0, p.stderr.read()
+    t_end = time.monotonic()
+    t_marker = t_marker or t_end
+    return t_marker - t0, t_end - t_marker
+
+
+@pytest.mark.timeout(900)
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs")}))
-    ref = cli_proc(["train", str(cfg), "--set", "name=ref", "--no-eval", "-q"], tmp_path)
-    t0 = time.monotonic()
-    out, err = ref.communicate(timeout=300)
-    assert ref.returncode == 0, err
-    duration = time.monotonic() - t0
-
+    startup, train_time = _timed_run(["train", str(cfg), "--set", "name=ref", "--no-eval", "-q"],
+                                     tmp_path, tmp_path / "runs" / "ref" / "config.yaml")
     rng = random.Random(0)
-    kills, args = 0, ["train", str(cfg), "--set", "name=cut", "--no-eval", "-q"]
+    cut = tmp_path / "runs" / "cut"
+    args = ["train", str(cfg), "--set", "name=cut", "--no-eval", "-q"]
+    kills, resumed_from_checkpoint = 0, 0
     while True:
-        p = cli_proc(args + (["--resume"] if kills else []), tmp_path)
+        resume = (cut / "config.yaml").exists()
+        resumed_from_checkpoint += resume and (cut / "checkpoints" / "last.pt").exists()
+        p = cli_proc(args + (["--resume"] if resume else []), tmp_path)
+        delay = startup + rng.uniform(0.05, 0.9) * train_time
         try:
-            p.wait(timeout=rng.uniform(0.3, 1.0) * duration if kills < 4 else 300)
+            p.wait(timeout=delay if kills < 4 else 600)
         except subprocess.TimeoutExpired:
             p.send_signal(signal.SIGKILL)
             p.wait()
             kills += 1
-            if not (tmp_path / "runs" / "cut" / "config.yaml").exists():
-                kills = 0  # killed before the run directory existed: start afresh
             continue
         assert p.returncode == 0, p.stderr.read()
         break
-    assert kills >= 1
-    a, b = weights(tmp_path / "runs" / "ref"), weights(tmp_path / "runs" / "cut")
+    assert kills >= 1 and resumed_from_checkpoint >= 1
+    a, b = weights(tmp_path / "runs" / "ref"), weights(cut)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     log_ref = (tmp_path / "runs" / "ref" / "log.jsonl").read_text().splitlines()
-    log_cut = (tmp_path / "runs" / "cut" / "log.jsonl").read_text().splitlines()
+    log_cut = (cut / "log.jsonl").read_text().splitlines()
     assert len(log_cut) == 3 and [yaml.safe_load(x)["train_loss"] for x in log_cut] == [
         yaml.safe_load(x)["train_loss"] for x in log_ref]
-    assert not list((tmp_path / "runs" / "cut" / "checkpoints").glob(".*.tmp"))
+    assert not list((cut / "checkpoints").glob(".*.tmp"))
 
 
 class Payload:

@@ -283,9 +283,7 @@ def resolve_includes(raw: dict[str, Any]) -> dict[str, Any]:
 def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(a)
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and "name" not in v:
-            out[k] = deep_merge(out[k], v)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("name") == out[k].get(
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and "name" not in v or isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("name") == out[k].get(
             "name"
         ):
             out[k] = deep_merge(out[k], v)

@@ -43,7 +43,7 @@ def build_attack(
     """Build the attack named by ``spec`` for the given norm."""
     name, steps = parse_attack_spec(spec)
     cls = ATTACKS.get(name)
-    fields = getattr(cls, "Params").model_fields
+    fields = cls.Params.model_fields
     kw: dict[str, Any] = {k: v for k, v in params.items() if k in fields}
     if steps is not None:
         if "steps" not in fields:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -35,10 +36,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         except OSError:
             pass
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if exc.errno == 28:
             raise UserError(f"no space left on the device writing {path}; free disk space and "
                             f"resume with --resume") from None

@@ -431,7 +431,7 @@ class Trainer:
                        leave=False, dynamic_ncols=True)
         for k in range(self.step_in_epoch, len(batches)):
             idx = batches[k]
-            loss = self.train_step(idx, stats)
+            self.train_step(idx, stats)
             seen += len(idx)
             self.global_step += 1
             self.step_in_epoch = k + 1
