@@ -281,14 +281,13 @@ def resolve_includes(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``b`` into ``a``; a part given with another ``name`` replaces the part whole."""
     out = copy.deepcopy(a)
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and "name" not in v or isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("name") == out[k].get(
-            "name"
-        ):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
+        old = out.get(k)
+        same_part = isinstance(old, dict) and v.get("name", old.get("name")) == old.get("name") \
+            if isinstance(v, dict) else False
+        out[k] = deep_merge(old, v) if same_part else copy.deepcopy(v)  # type: ignore[arg-type]
     return out
 
 
