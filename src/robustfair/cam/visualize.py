@@ -1,0 +1,144 @@
+"""See what PART sees: test images, their class activation map and their ε map, as one PNG.
+
+``robustfair analyze RUN --cam`` calls :func:`analyze_cam`. For a run trained with the ``pixel``
+budget the grid uses that budget's settings (CAM method, layer, mask, ε_low); for any other run
+it shows what PART's defaults (GradCAM, jet mask, ε_low = 7/8·ε) would give on its model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+
+log = logging.getLogger("robustfair")
+
+GRID_NAME = "cam_grid.png"
+
+
+def _load_run(run_dir: Path) -> Any:
+    """A Trainer of the run with the weights of its evaluation checkpoint loaded."""
+    import yaml
+
+    from ..config import build_config
+    from ..data import load_data
+    from ..engine.io import load_checkpoint
+    from ..engine.trainer import Trainer
+
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"{str(run_dir)!r} is not a run directory (no config.yaml); give the "
+                        f"folder that 'robustfair train' created")
+    cfg = build_config(yaml.safe_load(cfg_file.read_text(encoding="utf-8")))
+    ckpt = run_dir / "checkpoints" / f"{cfg.eval.checkpoint}.pt"
+    if not ckpt.is_file():
+        ckpt = run_dir / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        raise UserError(f"{str(run_dir)!r} has no checkpoint yet; train the run first")
+    trainer = Trainer(cfg, run_dir, data=load_data(cfg.data), quiet=True)
+    trainer.load_state_dict(load_checkpoint(ckpt, map_location=trainer.device))
+    return trainer
+
+
+def _pixel_budget(trainer: Any) -> Any:
+    from ..budgets.pixel import Pixel, PixelParams
+
+    if isinstance(trainer.budget, Pixel):
+        return trainer.budget
+    eps = float(trainer.cfg.attack.eps)
+    return Pixel(PixelParams(eps_low=eps * 7 / 8), ctx=None)
+
+
+def cam_panels(model: torch.nn.Module, budget: Any, x: Tensor, eps: float
+               ) -> dict[str, Any]:
+    """Everything the grid shows, for a batch: prediction, upsampled CAM, weights, ε map."""
+    out, u, w = budget.cam_weights(model, x)
+    eps_map = torch.lerp(torch.full_like(x, budget.eps_low), torch.full_like(x, eps), w)
+    return {"pred": out.logits.argmax(1), "cam": u.clamp(0, 1), "weights": w, "eps_map": eps_map,
+            "layer": out.layer}
+
+
+def _to_hwc(img: Tensor) -> Any:
+    a = img.detach().cpu().clamp(0, 1)
+    return a[0].numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()
+
+
+def save_grid(path: Path, x: Tensor, y: Tensor, panels: dict[str, Tensor],
+              class_names: list[str], title: str) -> Path:
+    """Draw rows of (image, CAM overlay, ε map) and write the PNG atomically."""
+    import io
+
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..engine.io import atomic_write_bytes
+
+    n = len(x)
+    fig = Figure(figsize=(6.6, 2.2 * n + 0.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n, 3, squeeze=False)
+    jet = matplotlib.colormaps["jet"]
+    for i in range(n):
+        img = _to_hwc(x[i])
+        grey = img.ndim == 2
+        name = lambda k: class_names[k] if k < len(class_names) else str(k)  # noqa: E731
+        ax = axes[i]
+        ax[0].imshow(img, cmap="gray" if grey else None, vmin=0, vmax=1)
+        ax[0].set_title(f"label {name(int(y[i]))} / pred {name(int(panels['pred'][i]))}",
+                        fontsize=8)
+        ax[1].imshow(img, cmap="gray" if grey else None, vmin=0, vmax=1)
+        ax[1].imshow(jet(panels["cam"][i].cpu().numpy())[..., :3], alpha=0.5)
+        ax[1].set_title("CAM (predicted class)", fontsize=8)
+        w = panels["weights"][i]
+        frac = float((w >= 1).float().mean())
+        ax[2].imshow(_to_hwc(w), cmap="gray" if w.shape[0] == 1 else None, vmin=0, vmax=1)
+        ax[2].set_title(f"ε map: white = ε, black = ε_low ({100 * frac:.0f}% full)", fontsize=8)
+        for a in ax:
+            a.set_xticks([])
+            a.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def analyze_cam(run_dir: str | Path, n: int | None = None, quiet: bool = False) -> Path:
+    """Save ``RUN/cam_grid.png``: n test images with their CAM and ε map; print its path.
+
+    Args:
+        run_dir: a run directory made by ``robustfair train``.
+        n: number of images (default 8).
+        quiet: log nothing but the path.
+
+    Returns:
+        The path of the PNG.
+    """
+    run_dir = Path(run_dir)
+    trainer = _load_run(run_dir)
+    n = 8 if n is None else n
+    if n < 1:
+        raise UserError(f"--n {n}: give at least one image")
+    test = trainer.data.test
+    idx = torch.arange(min(n, len(test)))
+    x = test.images(idx).to(trainer.device)
+    y = test.y[idx]
+    budget = _pixel_budget(trainer)
+    eps = float(trainer.cfg.attack.eps)
+    panels = cam_panels(trainer.eval_model(), budget, x, eps)
+    title = (f"{trainer.cfg.name}: {budget.cam} on {panels['layer']}, mask {budget.mask}, "
+             f"ε {eps:.4f}, ε_low {budget.eps_low:.4f}")
+    path = save_grid(run_dir / GRID_NAME, x, y, panels, trainer.data.class_names, title)
+    if not quiet:
+        frac = float((panels["weights"] >= 1).float().mean())
+        log.info("%d images; full ε on %.1f%% of the entries", len(x), 100 * frac)
+    click.echo(str(path))
+    return path
