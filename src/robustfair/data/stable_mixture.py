@@ -83,11 +83,14 @@ def sample_symmetric_stable(
 
     Chambers–Mallows–Stuck (1976) with β = 0: V ~ U(−π/2, π/2), W ~ Exp(1),
     X = sin(αV)/cos(V)^(1/α) · (cos((1−α)V)/W)^((1−α)/α). α = 2 gives N(0, 2), α = 1 tan(V).
+    The uniforms are drawn in row-major order, so the first k rows of size (n, …) do not depend
+    on n.
     """
     if not 0.0 < alpha <= 2.0:
         raise ValueError(f"alpha must lie in (0, 2], got {alpha}")
-    v = rng.uniform(-math.pi / 2, math.pi / 2, size)
-    w = rng.exponential(1.0, size)
+    u = rng.random((*size, 2))
+    v = math.pi * (u[..., 0] - 0.5)
+    w = -np.log1p(-u[..., 1])
     if alpha == 1.0:
         return np.tan(v)
     a = alpha

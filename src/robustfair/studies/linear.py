@@ -29,7 +29,15 @@ from torch import Tensor, nn
 from ..attacks.base import Attack, AttackParams
 from ..data import DataBundle
 from ..models.normalize import Classifier
-from .trainer import Fit, Method, TrainSettings, batch_order, make_optimizer, split_tensors
+from .trainer import (
+    Fit,
+    Method,
+    TrainSettings,
+    batch_order,
+    make_optimizer,
+    single_thread,
+    split_tensors,
+)
 
 
 def worst_case_delta(v: Tensor, s: Tensor, eps: Tensor | float, norm: str) -> Tensor:
@@ -183,7 +191,12 @@ def fit_linear_bank(
 ) -> list[Fit]:
     """Train one linear model per (method, learning rate) with the closed-form attack and early
     stopping on the clean validation loss (each model stops on its own); return their fits."""
-    device = torch.device(device)
+    with single_thread():
+        return _fit_bank(data, slices, settings, seed, torch.device(device))
+
+
+def _fit_bank(data: DataBundle, slices: list[tuple[Method, float]], settings: TrainSettings,
+              seed: int, device: torch.device) -> list[Fit]:
     t = {k: (x.flatten(1), y) for k, (x, y) in split_tensors(data, device).items()}
     x_tr, y_tr = t["train"]
     bank = _Bank(x_tr.shape[1], slices, settings, bool(data.extra.get("bounded", True)), seed,

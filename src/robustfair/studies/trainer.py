@@ -118,6 +118,18 @@ class _Recorder(nn.Module):
 
 
 @contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread (tiny tensors: extra threads only add synchronisation, which
+    costs milliseconds per operation on a busy machine); restore the count afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@contextmanager
 def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
     """Batch norm in train mode uses batch statistics but leaves its running statistics alone."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
