@@ -179,3 +179,45 @@ def test_dafa_state_survives_resume(tmp_path, small_digits):
     lines = [json.loads(s) for s in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [ln["epoch"] for ln in lines] == [1, 2, 3]
     assert lines[-1]["policy"]["weights"] == pytest.approx(saved.tolist(), abs=1e-5)
+
+
+# --------------------------------------------------------------------------- class-distance analysis
+def test_correlation_matches_scipy():
+    from scipy import stats
+
+    from robustfair.analysis.class_distance import correlation
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(10, generator=g).double()
+    b = torch.tensor([1, 2, 2, 3, 5, 5, 5, 0, 9, 4], dtype=torch.float64)  # with ties
+    got = correlation(a, b)
+    assert got["pearson"] == pytest.approx(stats.pearsonr(a.numpy(), b.numpy())[0], abs=1e-9)
+    assert got["spearman"] == pytest.approx(stats.spearmanr(a.numpy(), b.numpy())[0], abs=1e-9)
+
+
+def test_analyze_class_distance_on_a_run(tmp_path, small_digits):
+    from robustfair.analysis.class_distance import analyze_class_distance
+    from robustfair.engine.evaluator import evaluate
+    from robustfair.metrics import per_class_accuracy
+
+    cfg = _cfg(tmp_path, epochs=1)
+    tr = Trainer(cfg, prepare_run_dir(cfg, force=True), data=small_digits, quiet=True)
+    tr.fit()
+    res = analyze_class_distance(tmp_path / "dafa-test", attack="pgd5", n=40, quiet=True)
+    out = tmp_path / "dafa-test" / "analysis"
+    assert (out / "class_distance.png").stat().st_size > 1000
+    saved = json.loads((out / "class_distance.json").read_text())
+    assert saved["n"] == 40 and len(saved["similarity"]) == 10
+    p = torch.tensor(saved["similarity"])
+    present = torch.tensor(res["confusion"]).sum(1) > 0
+    assert torch.allclose(p[present].sum(1), torch.ones(int(present.sum())), atol=1e-5)
+    # the robust accuracy per class is the evaluator's, with the same attack and seed
+    test = small_digits.test.subset(torch.arange(40))
+    ev = evaluate(tr.model, test, ["pgd5"], cfg.attack.eps, "linf", 10, cfg.eval.batch_size,
+                  seed=cfg.seed)
+    acc, _ = per_class_accuracy(ev.correct[0], ev.labels, 10)
+    robust = torch.tensor([float("nan") if v is None else v for v in saved["robust_acc"]])
+    assert torch.allclose(robust[present], acc[present].float())
+    assert bool(robust[~present].isnan().all())
+    assert sum(saved["dafa_weights"]) == pytest.approx(10.0)
+    assert {"robust_vs_nearest_distance", "robust_vs_variance"} <= set(saved["correlation"])

@@ -70,10 +70,12 @@ def class_statistics(model: nn.Module, data: Any, attack: str, eps: float, norm:
             conf.index_put_((yc, pa), torch.ones(len(yc), dtype=torch.float64), accumulate=True)
             feats.append((logits, yc))
     n = count.clamp_min(1)
+    nan = torch.full((c,), float("nan"), dtype=torch.float64)
     centroids = logit_sum / n[:, None]
     for logits, yc in feats:
         sq_sum.index_add_(0, yc, ((logits - centroids[yc]) ** 2).sum(1))
-    return {"similarity": prob_sum / n[:, None], "robust": rob / n, "clean": cln / n,
+    return {"similarity": prob_sum / n[:, None], "robust": torch.where(count > 0, rob / n, nan),
+            "clean": torch.where(count > 0, cln / n, nan),
             "centroids": centroids, "variance": sq_sum / n, "count": count, "confusion": conf}
 
 
@@ -160,7 +162,8 @@ def summary_text(result: dict[str, Any]) -> str:
     lines += ["", f"{'class':<8}{'robust %':>9}{'clean %':>9}  {'nearest':<8}{'distance':>9}"
               f"{'variance':>10}{'DAFA w':>8}"]
     for k, n in enumerate(names):
-        lines.append(f"{n:<8}{100 * result['robust_acc'][k]:9.1f}{100 * result['clean_acc'][k]:9.1f}"
+        rob, cln = result["robust_acc"][k], result["clean_acc"][k]
+        lines.append(f"{n:<8}{_num(rob and 100 * rob, '.1f'):>9}{_num(cln and 100 * cln, '.1f'):>9}"
                      f"  {names[result['nearest_class'][k]]:<8}"
                      f"{_num(result['nearest_distance'][k], '.2f'):>9}"
                      f"{_num(result['variance'][k], '.2f'):>10}"
