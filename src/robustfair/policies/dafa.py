@@ -124,6 +124,9 @@ class DAFA(Policy):
         if ctx.epoch != self.tau or self.active:
             return
         seen = self._count > 0
+        if not bool(seen.any()):
+            log.warning("DAFA: no adversarial logits were seen in epoch %d (the objective "
+                        "returns none); all class weights stay 1", ctx.epoch)
         sim = torch.eye(self.num_classes, dtype=torch.float64)
         sim[seen] = self._prob_sum[seen] / self._count[seen, None]
         self.similarity = sim
