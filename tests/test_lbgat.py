@@ -4,6 +4,7 @@ case, one optimizer and exact resume for both models, evaluation of either model
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -159,6 +160,18 @@ def test_evaluation_uses_the_robust_model_and_the_natural_one_on_request(tmp_pat
     assert natural["attacks"]["clean"]["avg"] == pytest.approx(acc_nat)
     assert robust["attacks"]["clean"]["avg"] == pytest.approx(acc_rob)
     assert "pgd5" not in natural["attacks"]
+    # the same from the command line: robustfair eval RUN --set method.objective.evaluate=natural
+    from click.testing import CliRunner
+
+    from robustfair.cli import cli
+
+    res = CliRunner().invoke(cli, ["eval", str(tmp_path / "ev"), "-a", "clean", "-q", "--json",
+                                   "--set", "method.objective.evaluate=natural",
+                                   "--out", str(tmp_path / "ev" / "eval-nat")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ev" / "eval-nat" / "summary.json").exists()
+    cli_nat = json.loads((tmp_path / "ev" / "eval-nat" / "summary.json").read_text())
+    assert cli_nat["attacks"]["clean"]["avg"] == pytest.approx(acc_nat)
     # the objective option selects the natural model for the engine's own evaluation
     cfg2 = tiny_cfg(tmp_path, "name=ev2", "method.objective.evaluate=natural")
     t2 = Trainer(cfg2, prepare_run_dir(cfg2), quiet=True)
