@@ -344,3 +344,27 @@ def test_binary_task_sizes_majority_and_nested_tests(mnist5k_base):
         _mnist5k_binary(mnist5k_base, n_major=1000)
     with pytest.raises(UserError, match="data.params.alpah"):
         load_data(DataConfig(name="stable-mixture", params={"alpah": 2}))
+
+
+def _idx(path, arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+    path.write_bytes(header + arr.tobytes())
+
+
+def test_fashion_mnist_binary_reads_the_standard_files_and_makes_the_rest_the_majority(tmp_path):
+    """Original class 1 (trouser) against the rest, the rest being the majority as in the
+    official code; labels are binarised (class 0 = trouser)."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _idx(raw / "train-images-idx3-ubyte", rng.integers(0, 256, (200, 28, 28)))
+    _idx(raw / "train-labels-idx1-ubyte", np.arange(200) % 10)
+    _idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (100, 28, 28)))
+    _idx(raw / "t10k-labels-idx1-ubyte", np.arange(100) % 10)
+    params = {"ratio": 2, "n_major": 20, "n_val_major": 10, "n_test": 8}
+    b = load_data(DataConfig(name="fashion-mnist-binary", root=str(tmp_path), params=params))
+    assert b.extra["majority"] == 1
+    assert b.train.y.bincount().tolist() == [10, 20] and b.val.y.bincount().tolist() == [5, 10]
+    assert b.test.y.bincount().tolist() == [4, 8]
+    assert b.extra["test_balanced"].y.bincount().tolist() == [8, 8]

@@ -46,12 +46,11 @@ def _study_raw(opts: dict[str, Any]) -> dict[str, Any]:
         raw["model"] = opts["model"]
         if opts["model"] != "mlp":
             raw.pop("model_params", None)
-    for key in ("norms",):
-        if opts[key]:
-            raw[key] = [v.strip() for v in opts[key].split(",") if v.strip()]
+    if opts["norms"]:
+        raw["norms"] = [v.strip() for v in opts["norms"].split(",") if v.strip()]
     eps = raw.setdefault("eps", {})
     for norm in ("l2", "linf"):
-        vals = _floats(opts[f"eps_{norm}"], f"--eps-{norm.replace('linf', 'linf')}")
+        vals = _floats(opts[f"eps_{norm}"], f"--eps-{norm}")
         if vals is not None:
             eps[norm] = vals
     for key, opt in (("ratios", "ratios"), ("lrs_standard", "lrs"), ("lrs_robust", "lrs")):

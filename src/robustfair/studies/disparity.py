@@ -281,21 +281,18 @@ def _execute(cfg: DisparityStudyConfig, jobs: list[Job], cells_dir: Path, worker
         return
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
-                             initializer=_worker_init) as pool:
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                               mp_context=mp.get_context("spawn"), initializer=_worker_init)
+    try:
         pending = {pool.submit(run_job, raw, job, str(cells_dir)) for job in jobs}
-        try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    recs = fut.result()
-                    progress.update(len(recs))
-                    yield from recs
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                recs = fut.result()
+                progress.update(len(recs))
+                yield from recs
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # jobs not started are dropped
 
 
 def run_disparity_study(cfg: DisparityStudyConfig, out_dir: str | Path, workers: int = 2,
@@ -371,7 +368,7 @@ def aggregate(cfg: DisparityStudyConfig, cells: dict[str, dict[str, Any]]) -> di
 
 def results_table(results: dict[str, Any]) -> str:
     """Mean ± SE of both gaps (percentage points) per norm, ε and R."""
-    lines = [f"{results['dataset']} {results.get('data_params') or ''} — model "
+    lines = [f"{results['dataset']} {results.get('data_params') or ''}".rstrip() + " — model "
              f"{results['model']}, {len(results['seeds'])} seeds (mean ± SE, points)"]
     head = f"{'norm':<5} {'eps':>8} {'R':>5} {'AD gap':>15} {'acc gap':>15}"
     lines += [head, "-" * len(head)]
