@@ -342,6 +342,12 @@ def test_binary_task_sizes_majority_and_nested_tests(mnist5k_base):
     assert rest.train.y.bincount().tolist() == [25, 100] and rest.extra["majority"] == 1
     with pytest.raises(UserError, match="data.params.n_major"):
         _mnist5k_binary(mnist5k_base, n_major=1000)
+    # every split nests across R: R = 4 takes the start of R = 1's minority blocks
+    b1 = _mnist5k_binary(mnist5k_base, ratio=1, n_major=100, n_val_major=40, n_test=80)
+    for split in ("train", "val"):
+        x4, x1 = getattr(b, split).x, getattr(b1, split).x
+        n0 = int((getattr(b, split).y == 0).sum())
+        assert torch.equal(x4[:n0], x1[:n0]) and torch.equal(x4[n0:], x1[n0 : len(x4)])
     with pytest.raises(UserError, match="data.params.alpah"):
         load_data(DataConfig(name="stable-mixture", params={"alpah": 2}))
 
@@ -362,9 +368,9 @@ def test_fashion_mnist_binary_reads_the_standard_files_and_makes_the_rest_the_ma
     _idx(raw / "train-labels-idx1-ubyte", np.arange(200) % 10)
     _idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (100, 28, 28)))
     _idx(raw / "t10k-labels-idx1-ubyte", np.arange(100) % 10)
-    params = {"ratio": 2, "n_major": 20, "n_val_major": 10, "n_test": 8}
+    params = {"ratio": 2, "n_major": 12, "n_val_major": 6, "n_test": 8}
     b = load_data(DataConfig(name="fashion-mnist-binary", root=str(tmp_path), params=params))
     assert b.extra["majority"] == 1
-    assert b.train.y.bincount().tolist() == [10, 20] and b.val.y.bincount().tolist() == [5, 10]
+    assert b.train.y.bincount().tolist() == [6, 12] and b.val.y.bincount().tolist() == [3, 6]
     assert b.test.y.bincount().tolist() == [4, 8]
     assert b.extra["test_balanced"].y.bincount().tolist() == [8, 8]

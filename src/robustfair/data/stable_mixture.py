@@ -255,11 +255,13 @@ BINARY_TASKS: dict[str, tuple[int, str, int, int, int, bool]] = {
 }
 
 
-def _take(pool: np.ndarray, n: int, what: str, field: str) -> tuple[np.ndarray, np.ndarray]:
-    if n > len(pool):
-        raise UserError(f"data.params.{field}: {what} needs {n} images but only {len(pool)} "
-                        f"are available; lower data.params.{field}")
-    return pool[:n], pool[n:]
+def _slice(pool: np.ndarray, start: int, size: int, n: int, what: str, fields: str
+           ) -> np.ndarray:
+    """The first n of the reserved block pool[start:start+size] (blocks do not depend on R)."""
+    if start + size > len(pool):
+        raise UserError(f"data.params.{fields}: {what} needs {start + size} images but only "
+                        f"{len(pool)} are available; lower data.params.{fields}")
+    return pool[start : start + n]
 
 
 def _binary_split(data: ArrayData, idx0: np.ndarray, idx1: np.ndarray) -> ArrayData:
@@ -271,8 +273,13 @@ def _binary_split(data: ArrayData, idx0: np.ndarray, idx1: np.ndarray) -> ArrayD
 def make_binary_task(base: DataBundle, p: BinaryTaskParams, pooled: bool) -> DataBundle:
     """Class 0 = ``one_class``, class 1 = the rest, with N and N/R training samples (which class
     is the majority is ``p.majority``); validation drawn like training; balanced test (n_test,
-    n_test) and imbalanced test (n_test, n_test/R, a subset of the balanced one). Sizes nest
-    across R. ``pooled``: draw the test images from the training pool too (small datasets)."""
+    n_test) and imbalanced test (n_test, n_test/R, a subset of the balanced one).
+
+    Each class's shuffled images are cut into fixed blocks of N (training), n_val_major
+    (validation) and n_test (test) images, and a split takes the first N or N/R of its block,
+    so every split nests across R (and each class needs N + n_val_major images for training).
+    ``pooled``: the test block comes from the same pool (small datasets without a test split
+    large enough)."""
     if p.one_class >= base.num_classes:
         raise UserError(f"data.params.one_class: {base.name} has classes 0..{base.num_classes - 1}")
     train_pool = base.train if len(base.val) == 0 else base.train.concat(base.val)
@@ -288,17 +295,18 @@ def make_binary_task(base: DataBundle, p: BinaryTaskParams, pooled: bool) -> Dat
 
     major = 0 if p.majority == "one" else 1
     tr = by_class(train_pool)
-    te = tr if pooled else by_class(test_pool)  # pooled: the test draw continues the same pools
+    te = tr if pooled else by_class(test_pool)
+    t0 = p.n_major + p.n_val_major if pooled else 0  # pooled: the test block follows
     train, val, test_b = [], [], []
     for c in (0, 1):
-        n_tr = p.n_major if c == major else minority_size(p.n_major, p.ratio)
-        n_va = p.n_val_major if c == major else minority_size(p.n_val_major, p.ratio)
-        idx, tr[c] = _take(tr[c], n_tr, f"class {c} training", "n_major")
-        train.append(idx)
-        idx, tr[c] = _take(tr[c], n_va, f"class {c} validation", "n_val_major")
-        val.append(idx)
-        idx, te[c] = _take(te[c], p.n_test, f"class {c} test", "n_test")
-        test_b.append(idx)
+        def size(n: int, c: int = c) -> int:
+            return n if c == major else minority_size(n, p.ratio)
+
+        train.append(_slice(tr[c], 0, p.n_major, size(p.n_major), f"class {c} training",
+                            "n_major"))
+        val.append(_slice(tr[c], p.n_major, p.n_val_major, size(p.n_val_major),
+                          f"class {c} training + validation", "n_major + n_val_major"))
+        test_b.append(_slice(te[c], t0, p.n_test, p.n_test, f"class {c} test", "n_test"))
     n_minor = minority_size(p.n_test, p.ratio)
     imb = [t if c == major else t[:n_minor] for c, t in enumerate(test_b)]
     one_name = base.class_names[p.one_class] if base.class_names else str(p.one_class)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from ..attacks import build_attack
@@ -51,6 +51,17 @@ class TrainSettings(BaseModel):
         description="PGD step size as a fraction of ε (official: ε/30 for ℓ∞, ε/20 for ℓ2)")
     accumulate_attack_grads: bool = Field(
         False, description="official update: the attack's loss gradients leak into the step")
+
+    @field_validator("pgd_steps", "pgd_step_fraction", mode="before")
+    @classmethod
+    def _per_norm(cls, v: Any, info: ValidationInfo) -> Any:
+        """Setting one norm keeps the other norm's default."""
+        if not isinstance(v, dict):
+            return v
+        unknown = set(v) - {"l2", "linf"}
+        if unknown:
+            raise ValueError(f"keys are l2 and linf, not {sorted(unknown)}")
+        return {**cls.model_fields[info.field_name].default_factory(), **v}
 
 
 @dataclass(frozen=True)
