@@ -97,9 +97,9 @@ def save_grid(path: Path, x: Tensor, y: Tensor, panels: dict[str, Tensor],
         ax[1].imshow(jet(panels["cam"][i].cpu().numpy())[..., :3], alpha=0.5)
         ax[1].set_title("CAM (predicted class)", fontsize=8)
         w = panels["weights"][i]
-        frac = float((w >= 1).float().mean())
         ax[2].imshow(_to_hwc(w), cmap="gray" if w.shape[0] == 1 else None, vmin=0, vmax=1)
-        ax[2].set_title(f"ε map: white = ε, black = ε_low ({100 * frac:.0f}% full)", fontsize=8)
+        mean_eps = float(panels["eps_map"][i].mean())
+        ax[2].set_title(f"ε map (white ε, black ε_low), mean {mean_eps:.4f}", fontsize=8)
         for a in ax:
             a.set_xticks([])
             a.set_yticks([])
@@ -128,7 +128,8 @@ def analyze_cam(run_dir: str | Path, n: int | None = None, quiet: bool = False) 
     if n < 1:
         raise UserError(f"--n {n}: give at least one image")
     test = trainer.data.test
-    idx = torch.arange(min(n, len(test)))
+    # evenly spaced over the split (the splits are ordered by class)
+    idx = torch.linspace(0, len(test) - 1, min(n, len(test))).round().long()
     x = test.images(idx).to(trainer.device)
     y = test.y[idx]
     budget = _pixel_budget(trainer)
@@ -138,7 +139,8 @@ def analyze_cam(run_dir: str | Path, n: int | None = None, quiet: bool = False) 
              f"ε {eps:.4f}, ε_low {budget.eps_low:.4f}")
     path = save_grid(run_dir / GRID_NAME, x, y, panels, trainer.data.class_names, title)
     if not quiet:
-        frac = float((panels["weights"] >= 1).float().mean())
-        log.info("%d images; full ε on %.1f%% of the entries", len(x), 100 * frac)
+        w = panels["weights"]
+        log.info("%d images; full ε on %.1f%% of the entries, mean weight %.3f (0: ε_low, 1: ε)",
+                 len(x), 100 * float((w >= 1).float().mean()), float(w.mean()))
     click.echo(str(path))
     return path
