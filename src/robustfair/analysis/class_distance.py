@@ -109,7 +109,9 @@ def distance_summary(stats: dict[str, Tensor], top: int = 5) -> dict[str, Any]:
     dist = torch.cdist(mu, mu)
     dist.fill_diagonal_(float("inf"))
     dist[:, ~present] = float("inf")
+    dist[~present] = float("inf")
     nearest_d, nearest = dist.min(1)
+    nearest[~present] = -1
     off = p.clone().fill_diagonal_(0)
     sym = (off + off.T) / 2
     iu = torch.triu_indices(c, c, 1)
@@ -159,12 +161,15 @@ def summary_text(result: dict[str, Any]) -> str:
         lines.append(f"  {names[i]} <-> {names[j]}: {100 * pr['similarity']:.1f}% "
                      f"(p_{names[i]}({names[j]}) {100 * pr['p_ij']:.1f}%, "
                      f"p_{names[j]}({names[i]}) {100 * pr['p_ji']:.1f}%)")
+    def nearest_name(j: int) -> str:
+        return names[j] if j >= 0 else "n/a"
+
     lines += ["", f"{'class':<8}{'robust %':>9}{'clean %':>9}  {'nearest':<8}{'distance':>9}"
               f"{'variance':>10}{'DAFA w':>8}"]
     for k, n in enumerate(names):
         rob, cln = result["robust_acc"][k], result["clean_acc"][k]
         lines.append(f"{n:<8}{_num(rob and 100 * rob, '.1f'):>9}{_num(cln and 100 * cln, '.1f'):>9}"
-                     f"  {names[result['nearest_class'][k]]:<8}"
+                     f"  {nearest_name(result['nearest_class'][k]):<8}"
                      f"{_num(result['nearest_distance'][k], '.2f'):>9}"
                      f"{_num(result['variance'][k], '.2f'):>10}"
                      f"{_num(result['dafa_weights'][k], '.3f'):>8}")
@@ -260,7 +265,9 @@ def analyze_class_distance(run_dir: str | Path, attack: str = "pgd20", n: int | 
     split = data.split(cfg.eval.split)
     limit = n if n is not None else cfg.eval.n
     if limit is not None and limit < len(split):
-        split = split.subset(torch.arange(limit))
+        from ..data.core import stratified_holdout
+
+        _, split = stratified_holdout(split, limit)  # every class keeps its share
     if len(split) == 0:
         raise UserError(f"the {cfg.eval.split} split of {cfg.data.name!r} is empty; use "
                         f"--set eval.split=val or another dataset")
