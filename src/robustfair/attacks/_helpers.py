@@ -70,3 +70,20 @@ def lp_dims(x: Tensor) -> list[int]:
 def view_n(t: Tensor, x: Tensor) -> Tensor:
     """(N,) → (N, 1, …, 1) to broadcast against ``x``."""
     return t.view([-1] + [1] * (x.dim() - 1))
+
+
+def target_copies(idx: Tensor, order: Tensor, ranks: list[int]) -> tuple[Tensor, Tensor]:
+    """One copy of every point in ``idx`` per target rank: (point index, target class) per copy.
+
+    Targets of one point are attacked side by side (while the batch stays within the caller's
+    size), so the iterations of all ranks share one loop; as soon as one copy of a point is
+    misclassified, its other copies stop."""
+    r = torch.tensor(ranks, device=idx.device).repeat_interleave(len(idx))
+    rep = idx.repeat(len(ranks))
+    return rep, order[rep, r]
+
+
+def rank_groups(n_points: int, n_ranks: int, max_batch: int, start: int) -> list[int]:
+    """The next ranks to attack together: as many as keep points × ranks ≤ ``max_batch``."""
+    g = max(1, min(n_ranks - start + 1, max_batch // max(n_points, 1)))
+    return list(range(start, start + g))

@@ -58,10 +58,18 @@ def dlr_loss_targeted(logits: Tensor, y: Tensor, target: Tensor | None) -> Tenso
     return -(z_y - z_t) / (z_sorted[:, 0] - 0.5 * (z_sorted[:, 2] + z_sorted[:, 3]) + 1e-12)
 
 
-def checkpoint_lengths(steps: int) -> tuple[int, int, int]:
-    """(first interval, minimum interval, decrement) = (⌈0.22 N⌉, ⌈0.06 N⌉, ⌈0.03 N⌉) as whole
-    iterations (at least 1), so that w_j follows p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)."""
-    return max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
+def checkpoints(steps: int) -> list[int]:
+    """The iterations w_j (1-based) after which the step size is checked: intervals of
+    ⌊0.22 N⌋ shrinking by ⌊0.03 N⌋ down to ⌊0.06 N⌋ (each at least 1), i.e. w_j = p_j·N with
+    p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)."""
+    k, k_min, k_decr = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), \
+        max(int(0.03 * steps), 1)
+    out, w = [], k
+    while w <= steps:
+        out.append(w)
+        k = max(k - k_decr, k_min)
+        w += k
+    return out
 
 
 def apgd_init(x: Tensor, eps: Tensor, norm: str, generator: torch.Generator | None) -> Tensor:
@@ -105,11 +113,12 @@ class APGDResult:
 class _Run:
     """The per-sample state of one APGD run, compacted as points get fooled."""
 
-    def __init__(self, x: Tensor, y: Tensor, target: Tensor | None, eps: Tensor,
-                 step0: Tensor, x_cur: Tensor, loss: Tensor, grad: Tensor) -> None:
+    def __init__(self, x: Tensor, y: Tensor, target: Tensor | None, group: Tensor | None,
+                 eps: Tensor, step0: Tensor, x_cur: Tensor, loss: Tensor, grad: Tensor) -> None:
         n = len(x)
         self.idx = torch.arange(n, device=x.device)
         self.x, self.y, self.target, self.eps, self.step0 = x, y, target, eps, step0
+        self.group = group
         self.x_cur, self.x_prev, self.grad = x_cur, x_cur.clone(), grad
         self.x_best, self.g_best, self.l_best = x_cur.clone(), grad.clone(), loss.clone()
         self.l_prev, self.l_best_ck = loss.clone(), loss.clone()
@@ -126,6 +135,8 @@ class _Run:
             setattr(self, name, getattr(self, name)[mask])
         if self.target is not None:
             self.target = self.target[mask]
+        if self.group is not None:
+            self.group = self.group[mask]
         self.eps = eps_rows(self.eps, mask.nonzero().flatten(), n)
         self.step0 = eps_rows(self.step0, mask.nonzero().flatten(), n)
 
@@ -135,6 +146,7 @@ def apgd(
     norm: str = "linf", steps: int = 100, rho: float = 0.75, momentum: float = 0.75,
     eot_iter: int = 1, target: Tensor | None = None, step_size: Tensor | float | None = None,
     generator: torch.Generator | None = None, early_stop: bool = True,
+    group: Tensor | None = None,
 ) -> APGDResult:
     """One run of APGD from a random point of the ε-sphere (Croce & Hein 2020, Algorithm 1).
 
@@ -146,6 +158,8 @@ def apgd(
         eot_iter: gradients averaged over this many forward passes (EOT, for random models).
         step_size: the initial step η^(0); default 2ε.
         early_stop: drop a point from the batch once it is misclassified.
+        group: for rows that are copies of one point (one per target class), the point's id:
+            with ``early_stop`` all copies leave the batch once one of them is misclassified.
     """
     n = len(x)
     out, fooled = x.clone(), torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -156,10 +170,10 @@ def apgd(
         step0 = view_n(step0, x)
     x0 = apgd_init(x, eps, norm, generator)
     loss, grad, pred = loss_and_grad(model, x0, y, target, loss_fn, eot_iter)
-    s = _Run(x, y, target, eps, step0, x0, loss, grad)
+    s = _Run(x, y, target, group, eps, step0, x0, loss, grad)
     s = _record(s, pred, out, fooled, early_stop)
-    k, k_min, k_decr = checkpoint_lengths(steps)
-    since = 0
+    marks = set(checkpoints(steps))
+    last_mark = 0
     for i in range(steps):
         if len(s.idx) == 0:
             break
@@ -176,10 +190,9 @@ def apgd(
         better = loss > s.l_best
         s.x_best[better], s.g_best[better], s.l_best[better] = (
             s.x_cur[better], s.grad[better], loss[better])
-        since += 1
-        if since == k:
-            _checkpoint(s, k, rho)
-            since, k = 0, max(k - k_decr, k_min)
+        if i + 1 in marks:
+            _checkpoint(s, i + 1 - last_mark, rho)
+            last_mark = i + 1
         s = _record(s, pred, out, fooled, early_stop)
     rest = ~fooled[s.idx]
     out[s.idx[rest]] = s.x_best[rest]
@@ -212,7 +225,7 @@ def _record(s: _Run, pred: Tensor, out: Tensor, fooled: Tensor, early_stop: bool
     out[s.idx[hit]] = s.x_cur[hit]
     fooled[s.idx[hit]] = True
     if early_stop:
-        s.keep(~hit)
+        s.keep(~(torch.isin(s.group, s.group[hit]) if s.group is not None else hit))
     return s
 
 
@@ -286,5 +299,5 @@ class APGDDLR(APGDBase):
         return dlr_loss
 
 
-__all__ = ["APGDCE", "APGDDLR", "APGDBase", "APGDParams", "APGDResult", "apgd", "dlr_loss",
-           "dlr_loss_targeted"]
+__all__ = ["APGDCE", "APGDDLR", "APGDBase", "APGDParams", "APGDResult", "apgd", "checkpoints",
+           "dlr_loss", "dlr_loss_targeted"]

@@ -7,13 +7,23 @@ import torch
 from pydantic import Field
 
 from . import ATTACKS
-from ._helpers import clean_correct, eps_rows, make_generator, n_targets, sorted_classes
+from ._helpers import (
+    clean_correct,
+    eps_rows,
+    make_generator,
+    n_targets,
+    rank_groups,
+    sorted_classes,
+    target_copies,
+)
 from .apgd import APGDBase, APGDParams, LossFn, _rows, apgd, dlr_loss_targeted
 
 
 class APGDTParams(APGDParams):
     n_target_classes: int | None = Field(
         None, ge=1, description="target classes tried in turn; None: min(9, C − 1)")
+    max_batch: int = Field(500, ge=1, description="targets of a point are attacked side by "
+                                                   "side while points × targets ≤ max_batch")
 
 
 @ATTACKS.register("apgd-t")
@@ -21,7 +31,9 @@ class APGDT(APGDBase):
     """Targeted APGD-DLR over the top min(9, C − 1) classes (Croce & Hein, arXiv:2003.01690).
 
     The targets of a point are its classes ranked 2nd, 3rd, … by the clean logits; each target
-    gets ``restarts`` runs of ``steps`` iterations, only on the points not yet fooled.
+    gets ``restarts`` runs of ``steps`` iterations, only on the points not yet fooled. Several
+    targets run side by side when the batch is small (``max_batch``); a point stops as soon as
+    one target fools it, so the result is that of running the targets one after the other.
 
     Example::
 
@@ -40,19 +52,32 @@ class APGDT(APGDBase):
         if not bool((~fooled).any()):
             return out
         order = sorted_classes(model, x)
+        last = n_targets(order.shape[1], self.n_target_classes)
         best = torch.full((len(x),), float("-inf"), device=x.device, dtype=x.dtype)
-        for rank in range(1, n_targets(order.shape[1], self.n_target_classes) + 1):
+        rank = 1
+        while rank <= last:
+            ranks = rank_groups(int((~fooled).sum()), last, self.max_batch, rank)
+            rank += len(ranks)
             for _ in range(self.restarts):
                 idx = (~fooled).nonzero().flatten()
                 if len(idx) == 0:
                     return out
-                r = apgd(model, x[idx], y[idx], eps_rows(eps, idx, len(x)), self.loss_fn(),
+                rep, tgt = target_copies(idx, order, ranks)
+                r = apgd(model, x[rep], y[rep], eps_rows(eps, rep, len(x)), self.loss_fn(),
                          norm=self.norm, steps=self.steps, rho=self.rho,
-                         momentum=self.momentum, eot_iter=self.eot_iter,
-                         target=order[idx, rank], step_size=_rows(step_size, idx, len(x)),
-                         generator=gen, early_stop=self.early_stop)
-                take = r.fooled | (r.loss > best[idx])
-                out[idx[take]] = r.x_adv[take]
-                best[idx] = torch.maximum(best[idx], r.loss)
-                fooled[idx[r.fooled]] = True
+                         momentum=self.momentum, eot_iter=self.eot_iter, target=tgt,
+                         step_size=_rows(step_size, rep, len(x)), generator=gen,
+                         early_stop=self.early_stop, group=rep)
+                for part in torch.arange(len(rep), device=x.device).split(len(idx)):
+                    _keep(out, best, fooled, rep[part], r.x_adv[part], r.loss[part],
+                          r.fooled[part])
         return out
+
+
+def _keep(out: torch.Tensor, best: torch.Tensor, fooled: torch.Tensor, idx: torch.Tensor,
+          x_adv: torch.Tensor, loss: torch.Tensor, hit: torch.Tensor) -> None:
+    """Take the fooling points, else the points of higher loss (``idx`` without repeats)."""
+    take = ~fooled[idx] & (hit | (loss > best[idx]))
+    out[idx[take]] = x_adv[take]
+    best[idx] = torch.maximum(best[idx], loss)
+    fooled[idx[hit]] = True

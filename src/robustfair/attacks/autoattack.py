@@ -45,9 +45,11 @@ class AutoAttackParams(AttackParams):
                           "['apgd-ce', 'square']")
     steps: int = Field(100, ge=1, le=100_000, description="APGD and FAB iterations (reference: "
                                                           "100)")
-    square_queries: int = Field(5000, ge=1, description="Square's query budget (reference: 5,000)")
+    n_queries: int = Field(5000, ge=1, description="Square's query budget (reference: 5,000)")
     n_target_classes: int | None = Field(None, ge=1, description="None: min(9, C − 1)")
     eot_iter: int = Field(20, ge=1, description="EOT passes of the 'rand' version")
+    max_batch: int = Field(500, ge=1, description="APGD-T and FAB-T attack several targets side "
+                                                   "by side while points × targets ≤ max_batch")
     seed: int | None = Field(0, description="seed of every component's random draws")
 
 
@@ -127,8 +129,9 @@ def _component_params(name: str, aa: dict[str, Any], extra: dict[str, Any]) -> d
         kw["steps"] = aa["steps"]
     if name in ("apgd-t", "fab-t"):
         kw["n_target_classes"] = aa["n_target_classes"]
+        kw["max_batch"] = aa["max_batch"]
     if name == "square":
-        kw["queries"] = aa["square_queries"]
+        kw["n_queries"] = aa["n_queries"]
     if "restarts" in extra:
         kw["restarts"] = extra["restarts"]
     if extra.get("eot"):

@@ -30,7 +30,16 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from . import ATTACKS
-from ._helpers import clean_correct, eps_rows, make_generator, n_targets, sorted_classes, view_n
+from ._helpers import (
+    clean_correct,
+    eps_rows,
+    make_generator,
+    n_targets,
+    rank_groups,
+    sorted_classes,
+    target_copies,
+    view_n,
+)
 from .base import Attack, AttackParams, per_sample
 
 
@@ -126,7 +135,7 @@ def fab(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, *, norm: str = "lin
         steps: int = 100, target: Tensor | None = None, alpha_max: float = 0.1,
         eta: float = 1.05, beta: float = 0.9, rand_start: bool = False,
         start_dist: Tensor | None = None, generator: torch.Generator | None = None,
-        early_stop: bool = True) -> tuple[Tensor, Tensor]:
+        early_stop: bool = True, group: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One FAB run on points classified correctly; returns (best adversarial point, its distance
     in units of ε; +inf where none was found).
 
@@ -134,12 +143,14 @@ def fab(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, *, norm: str = "lin
         target: FAB-T's target class per point; None for untargeted FAB.
         rand_start: start from a random point at half the best distance so far (restarts).
         start_dist: that best distance so far, in units of ε (default 1).
+        group: for rows that are copies of one point (one per target class), the point's id:
+            with ``early_stop`` all copies stop once one has an adversarial point within ε.
     """
     prob = _FabProblem(norm, eps, alpha_max, eta, beta)
     n = len(x)
     best_x, best_d = x.clone(), torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
     idx = torch.arange(n, device=x.device)
-    x0, yy, tt, ee = x, y, target, eps
+    x0, yy, tt, ee, gg = x, y, target, eps, group
     x1 = _random_start(x, eps, norm, start_dist, generator) if rand_start else x.clone()
     for it in range(steps + 1):
         if it == steps:
@@ -153,7 +164,9 @@ def fab(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, *, norm: str = "lin
             if bool(adv.any()):
                 dist = _keep_best(prob, adv, x0, x1, ee, idx, best_x, best_d)
                 x1 = torch.where(view_n(adv, x1), x0 + beta * (x1 - x0), x1)
-                keep = ~(adv & (dist <= 1)) if early_stop else torch.ones_like(adv)
+                found = adv & (dist <= 1)
+                keep = torch.ones_like(adv) if not early_stop else ~(
+                    torch.isin(gg, gg[found]) if gg is not None else found)
                 sub = adv & keep
                 if bool(sub.any()):
                     df[sub], dg[sub], _ = _diff_grad(model, x1[sub], yy[sub],
@@ -164,6 +177,7 @@ def fab(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, *, norm: str = "lin
                     sel = keep.nonzero().flatten()
                     idx, x0, x1, yy, df, dg = idx[sel], x0[sel], x1[sel], yy[sel], df[sel], dg[sel]
                     tt = None if tt is None else tt[sel]
+                    gg = None if gg is None else gg[sel]
                     ee = eps_rows(ee, sel, len(keep))
         if len(idx) == 0:
             break
@@ -231,22 +245,23 @@ class FABBase(Attack):
     Params = FABParams
     targeted: bool = False
 
-    def _run(self, model: nn.Module, x: Tensor, y: Tensor, eps: Tensor,
-             target: Tensor | None, gen: torch.Generator | None,
-             out: Tensor, fooled: Tensor, best: Tensor) -> None:
+    def _run(self, model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, order: Tensor | None,
+             ranks: list[int], gen: torch.Generator | None, out: Tensor, fooled: Tensor,
+             best: Tensor) -> None:
         for r in range(self.restarts):
             idx = (~fooled).nonzero().flatten()
             if len(idx) == 0:
                 return
-            bx, bd = fab(model, x[idx], y[idx], eps_rows(eps, idx, len(x)), norm=self.norm,
-                         steps=self.steps, target=None if target is None else target[idx],
-                         alpha_max=self.alpha_max, eta=self.eta, beta=self.beta,
-                         rand_start=r > 0, start_dist=best[idx], generator=gen,
-                         early_stop=self.early_stop)
-            best[idx] = torch.minimum(best[idx], bd)
-            ok = bd <= 1
-            out[idx[ok]] = bx[ok]
-            fooled[idx[ok]] = True
+            rep, tgt = (idx, None) if order is None else target_copies(idx, order, ranks)
+            bx, bd = fab(model, x[rep], y[rep], eps_rows(eps, rep, len(x)), norm=self.norm,
+                         steps=self.steps, target=tgt, alpha_max=self.alpha_max, eta=self.eta,
+                         beta=self.beta, rand_start=r > 0, start_dist=best[rep], generator=gen,
+                         early_stop=self.early_stop, group=None if tgt is None else rep)
+            for part in torch.arange(len(rep), device=x.device).split(len(idx)):
+                pts, ok = rep[part], (bd[part] <= 1) & ~fooled[rep[part]]
+                best[pts] = torch.minimum(best[pts], bd[part])
+                out[pts[ok]] = bx[part][ok]
+                fooled[pts[ok]] = True
 
     def perturb(self, model, x, y, eps, step_size):  # type: ignore[override]
         if self.norm == "l2":
@@ -256,11 +271,15 @@ class FABBase(Attack):
         fooled = ~clean_correct(model, x, y)
         best = torch.full((len(x),), float("inf"), device=x.device, dtype=x.dtype)
         if not self.targeted:
-            self._run(model, x, y, eps, None, gen, out, fooled, best)
+            self._run(model, x, y, eps, None, [], gen, out, fooled, best)
             return out
         order = sorted_classes(model, x)
-        for rank in range(1, n_targets(order.shape[1], self.n_target_classes) + 1):
-            self._run(model, x, y, eps, order[:, rank], gen, out, fooled, best)
+        last = n_targets(order.shape[1], self.n_target_classes)
+        rank = 1
+        while rank <= last and bool((~fooled).any()):
+            ranks = rank_groups(int((~fooled).sum()), last, self.max_batch, rank)
+            rank += len(ranks)
+            self._run(model, x, y, eps, order, ranks, gen, out, fooled, best)
         return out
 
 
@@ -273,6 +292,8 @@ class FAB(FABBase):
 class FABTParams(FABParams):
     n_target_classes: int | None = Field(
         None, ge=1, description="target classes tried in turn; None: min(9, C − 1)")
+    max_batch: int = Field(500, ge=1, description="targets of a point are attacked side by "
+                                                   "side while points × targets ≤ max_batch")
 
 
 @ATTACKS.register("fab-t")

@@ -100,12 +100,12 @@ class _Search:
         self.fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         self.idx = torch.arange(len(x), device=x.device)
         self.x, self.y, self.eps, self.best = x, y, eps, x_init
+        self.lo, self.hi = (x - eps).clamp_min(0), (x + eps).clamp_max(1)
         m, self.loss = self._evaluate(x_init)
         self._drop(m <= 0)
 
     def _evaluate(self, x_new: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            logits = self.model(x_new)
+        logits = self.model(x_new)
         m = margin(logits, self.y)
         if self.loss_name == "ce":
             return m, -F.cross_entropy(logits, self.y, reduction="none")
@@ -117,10 +117,11 @@ class _Search:
     def step(self, x_new: Tensor) -> None:
         """Query the proposals; keep those that lower the loss or fool the model."""
         m, loss = self._evaluate(x_new)
-        take = (loss < self.loss) | (m <= 0)
+        hit = m <= 0
+        take = (loss < self.loss) | hit
         self.loss = torch.minimum(loss, self.loss)
         self.best = torch.where(view_n(take, x_new), x_new, self.best)
-        self._drop(m <= 0)
+        self._drop(hit)
 
     def _drop(self, hit: Tensor) -> None:
         if not bool(hit.any()):
@@ -131,12 +132,14 @@ class _Search:
         self.eps = eps_rows(self.eps, keep, len(hit))
         self.idx, self.x, self.y = self.idx[keep], self.x[keep], self.y[keep]
         self.best, self.loss = self.best[keep], self.loss[keep]
+        self.lo, self.hi = self.lo[keep], self.hi[keep]
 
     def finish(self) -> tuple[Tensor, Tensor]:
         self.x_best[self.idx] = self.best
         return self.x_best, self.fooled
 
 
+@torch.no_grad()
 def square_linf(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, *, n_queries: int = 5000,
                 p_init: float = 0.8, loss: str = "margin",
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -145,18 +148,22 @@ def square_linf(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, *, n_querie
     stripes = rand_sign((n, c, 1, w), x, generator)
     x_init = torch.min(torch.max(x + eps * stripes, x - eps), x + eps).clamp(0, 1)
     st = _Search(model, x, y, eps, x_init, loss)
+    bands: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
     for i in range(n_queries):
         if len(st) == 0:
             break
         p = p_selection(p_init, i, n_queries)
         s = min(max(int(round(math.sqrt(p * h * w))), 1), h, w)
+        if s not in bands:
+            bands[s] = (_bands(h, s, x.device).to(x.dtype), _bands(w, s, x.device).to(x.dtype),
+                        torch.tensor([h - s + 1, w - s + 1], device=x.device, dtype=x.dtype))
+        rows, cols, n_pos = bands[s]
         m = len(st)
-        u = torch.rand(m, 2 + c, generator=generator, device=x.device)
-        vh = (u[:, 0] * (h - s + 1)).long().clamp(max=h - s)
-        vw = (u[:, 1] * (w - s + 1)).long().clamp(max=w - s)
-        sign = torch.where(u[:, 2:] < 0.5, -1.0, 1.0).to(x.dtype).view(m, c, 1, 1)
-        x_new = st.best + _window_mask(vh, vw, s, h, w) * (2 * st.eps * sign)
-        st.step(torch.min(torch.max(x_new, st.x - st.eps), st.x + st.eps).clamp(0, 1))
+        u = torch.rand(m, 2 + c, generator=generator, device=x.device, dtype=x.dtype)
+        pos = (u[:, :2] * n_pos).long()
+        mask = rows[pos[:, 0]][:, None, :, None] * cols[pos[:, 1]][:, None, None, :]
+        step = ((u[:, 2:] < 0.5).to(x.dtype) * -4 + 2).view(m, c, 1, 1)
+        st.step(torch.clamp(st.best + mask * (st.eps * step), st.lo, st.hi))
     return st.finish()
 
 
@@ -203,6 +210,7 @@ def _l2_proposal(x: Tensor, x_best: Tensor, r: Tensor, s: int,
     return (x + nu).clamp(0, 1)
 
 
+@torch.no_grad()
 def square_l2(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, *, n_queries: int = 5000,
               p_init: float = 0.8, loss: str = "margin",
               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -223,7 +231,7 @@ def square_l2(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, *, n_queries:
 
 class SquareParams(AttackParams):
     norm: Literal["linf", "l2"] = "linf"
-    queries: int = Field(5000, ge=1, description="query budget per restart (AutoAttack: 5,000)")
+    n_queries: int = Field(5000, ge=1, description="query budget per restart (AutoAttack: 5,000)")
     p_init: float = Field(0.8, gt=0.0, le=1.0, description="initial fraction of pixels changed")
     restarts: int = Field(1, ge=1, description="runs, each only on the points not yet fooled")
     loss: Literal["margin", "ce"] = "margin"
@@ -252,7 +260,7 @@ class Square(Attack):
             if len(idx) == 0:
                 break
             xb, ok = run(model, x[idx], y[idx], eps_rows(eps, idx, len(x)),
-                         n_queries=self.queries, p_init=self.p_init, loss=self.loss,
+                         n_queries=self.n_queries, p_init=self.p_init, loss=self.loss,
                          generator=gen)
             out[idx] = xb
             fooled[idx[ok]] = True

@@ -1,46 +1,131 @@
-"""``robustfair eval``: evaluate a run (or a model file) per class."""
+"""``robustfair eval``: evaluate a run (or a model file) per class, AutoAttack included, or run
+the sanity checks of the evaluation."""
 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
+import torch
+from torch import nn
 
-from ..config import apply_override, build_config
+from ..config import RunConfig, apply_override, build_config
 from ..errors import UserError
 from ._common import class_table, setup_logging
 
+log = logging.getLogger("robustfair.eval")
+
+STATE_FILE = "eval_state.json"
+
 
 @click.command("eval")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--attack", "-a", "attacks", help="Comma-separated attacks, e.g. pgd20,cw20.")
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--attack", "-a", "attacks",
+              help="Comma-separated attacks, e.g. pgd20,cw20,autoattack (also autoattack-plus, "
+                   "autoattack-rand, apgd-ce, apgd-dlr, apgd-t, fab-t, square).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override an evaluation setting, e.g. --set eval.eps=8/255.")
+              help="Override a setting, e.g. --set eval.eps=8/255 or --set model.params.width=2.")
 @click.option("--use", "which", type=click.Choice(["last", "best"]), default=None,
-              help="Which checkpoint to evaluate (default: eval.checkpoint, 'last').")
+              help="Which checkpoint of the run (default: eval.checkpoint, 'last').")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Evaluate a model file instead of a run (RobustBench convention: inputs in "
+                   "[0, 1], normalization inside); needs --model and --dataset.")
+@click.option("--model", "model_name", default=None, help="Architecture of --checkpoint.")
+@click.option("--dataset", default=None, help="Dataset of --checkpoint (its test split).")
+@click.option("--data-root", default=None, help="Folder of the dataset files.")
+@click.option("--eps", default=None, help="Budget ε, e.g. 8/255 (default: the run's eval.eps, "
+                                          "else its training ε; 8/255 for a file).")
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None)
+@click.option("--n", "n", type=int, default=None, help="Use the first N test images.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: RUN/eval, or STEM-eval beside the file).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted evaluation, keeping the attacks already done.")
+@click.option("--checks", "checks", is_flag=True,
+              help="Run the sanity checks of the evaluation and print a verdict for each.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def eval_cmd(run_dir: Path, attacks: str | None, overrides: tuple[str, ...], which: str | None,
-             quiet: bool, as_json: bool) -> None:
-    """Evaluate a trained run per class (clean, PGD, CW, ...) and save eval/summary.json."""
+def eval_cmd(run_dir: Path | None, attacks: str | None, overrides: tuple[str, ...],
+             which: str | None, checkpoint: Path | None, model_name: str | None,
+             dataset: str | None, data_root: str | None, eps: str | None, norm: str | None,
+             n: int | None, batch_size: int | None, out: Path | None, resume: bool,
+             checks: bool, quiet: bool, as_json: bool) -> int:
+    """Evaluate per class under attack (clean, PGD, CW, AutoAttack, ...) and save
+    eval/summary.json; or, with --checks, check that the evaluation can be trusted."""
     setup_logging(quiet)
-    summary = evaluate_run(run_dir, attacks, list(overrides), which, quiet)
+    ov = list(overrides) + _shortcuts(eps, norm, n, batch_size, data_root)
+    target = _load_target(run_dir, checkpoint, model_name, dataset, ov, which, out)
+    if checks:
+        return _print_checks(target, quiet, as_json)
+    summary = _evaluate(target, attacks, resume, quiet)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        click.echo(class_table(summary, title=f"{run_dir}: accuracy (%) per class"))
-        click.echo(f"saved: {run_dir / 'eval' / 'summary.json'}")
+        click.echo(render(summary, f"{target.label}: accuracy (%) per class"))
+        click.echo(f"saved: {target.out_dir / 'summary.json'}")
+    return 0
 
 
-def evaluate_run(run_dir: Path, attacks: str | None = None, overrides: list[str] | None = None,
-                 which: str | None = None, quiet: bool = False) -> dict[str, Any]:
+def _shortcuts(eps: str | None, norm: str | None, n: int | None, batch_size: int | None,
+               data_root: str | None) -> list[str]:
+    ov = []
+    if eps is not None:
+        ov.append(f"eval.eps={eps!s}")
+    if norm is not None:
+        ov.append(f"eval.norm={norm}")
+    if n is not None:
+        ov.append(f"eval.n={n}")
+    if batch_size is not None:
+        ov.append(f"eval.batch_size={batch_size}")
+    if data_root is not None:
+        ov.append(f"data.root={data_root}")
+    return ov
+
+
+@dataclass
+class Target:
+    """What to evaluate: the model, its data and settings, and where results go."""
+
+    cfg: RunConfig
+    data: Any
+    model: nn.Module
+    device: torch.device
+    out_dir: Path
+    label: str
+    run_dir: Path | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_target(run_dir: Path | None, checkpoint: Path | None, model_name: str | None,
+                 dataset: str | None, overrides: list[str], which: str | None,
+                 out: Path | None) -> Target:
+    if checkpoint is not None:
+        if run_dir is not None:
+            raise UserError("give either RUN_DIR or --checkpoint, not both")
+        if not model_name or not dataset:
+            raise UserError("--checkpoint needs --model NAME and --dataset NAME (see "
+                            "'robustfair models' and 'robustfair datasets')")
+        return load_model_file(checkpoint, model_name, dataset, overrides, out)
+    if run_dir is None:
+        raise UserError("give a run directory (RUN_DIR) or --checkpoint FILE --model NAME "
+                        "--dataset NAME")
+    return load_run(run_dir, overrides, which, out)
+
+
+def load_run(run_dir: Path, overrides: list[str] | None = None, which: str | None = None,
+             out: Path | None = None) -> Target:
+    """The model of a training run (EMA or averaged weights when the run evaluates those)."""
     import yaml
 
     from ..data import load_data
-    from ..engine.io import load_checkpoint
-    from ..engine.trainer import Trainer, run_eval
+    from ..engine.integrity import verify_checkpoint
+    from ..engine.io import load_checkpoint, sha256_file
+    from ..engine.trainer import Trainer
 
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
@@ -49,8 +134,6 @@ def evaluate_run(run_dir: Path, attacks: str | None = None, overrides: list[str]
     raw = yaml.safe_load(cfg_file.read_text())
     for ov in overrides or []:
         apply_override(raw, ov)
-    if attacks:
-        raw.setdefault("eval", {})["attacks"] = attacks
     cfg = build_config(raw)
     which = which or cfg.eval.checkpoint
     ckpt = run_dir / "checkpoints" / f"{which}.pt"
@@ -58,8 +141,6 @@ def evaluate_run(run_dir: Path, attacks: str | None = None, overrides: list[str]
         raise UserError(f"{str(ckpt)!r} not found; train the run first (or use --use last)")
     data = load_data(cfg.data)
     trainer = Trainer(cfg, run_dir, data=data, quiet=True)
-    from ..engine.integrity import verify_checkpoint
-
     verify_checkpoint(ckpt)
     trainer.load_state_dict(load_checkpoint(ckpt, map_location=trainer.device))
     model = trainer.eval_model()
@@ -68,7 +149,224 @@ def evaluate_run(run_dir: Path, attacks: str | None = None, overrides: list[str]
     averaged = trainer.policy_eval_model()
     if averaged is not None:
         model = averaged
-    return run_eval(model, data, cfg, run_dir / "eval", None, trainer.device, quiet=quiet)
+    model.eval()
+    return Target(cfg, data, model, trainer.device, out or run_dir / "eval", str(run_dir),
+                  run_dir, {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt)})
+
+
+def load_model_file(path: Path, model_name: str, dataset: str, overrides: list[str] | None = None,
+                    out: Path | None = None) -> Target:
+    """A model file in the RobustBench convention: a state dict, plain or under 'state_dict'
+    (or a robustfair checkpoint), ``module.``/``model.`` prefixes stripped, loaded with
+    ``weights_only``. Normalization buffers found in the file (``mu``/``sigma`` or
+    ``mean``/``std``) go into the model's input layer; without them the inputs reach the network
+    in [0, 1] unchanged."""
+    from ..data import load_data
+    from ..engine.io import load_checkpoint, sha256_file
+    from ..engine.trainer import resolve_device
+
+    raw: dict[str, Any] = {"name": path.stem, "data": {"name": dataset},
+                           "model": {"name": model_name}}
+    for ov in overrides or []:
+        apply_override(raw, ov)
+    cfg = build_config(raw)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg.data)
+    state = model_state_dict(load_checkpoint(path, map_location="cpu"))
+    model = build_from_state(state, cfg, data).to(device).eval()
+    return Target(cfg, data, model, device, out or path.parent / f"{path.stem}-eval", str(path),
+                  None, {"checkpoint": str(path), "sha256": sha256_file(path)})
+
+
+_PREFIXES = ("module.", "model.")
+_NORM_KEYS = (("mu", "sigma"), ("mean", "std"))
+
+
+def model_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a model file: ``{'state_dict': …}``, a robustfair checkpoint's ``model``,
+    or the plain dict; ``module.``/``model.`` prefixes removed."""
+    if obj.get("format") == "robustfair-checkpoint" and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj.get("model"), dict) and not any(
+            isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = obj["model"]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        while k.startswith(_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    if not out:
+        raise UserError("the file holds no tensors; give a state dict of the model")
+    return out
+
+
+def build_from_state(state: dict[str, torch.Tensor], cfg: RunConfig, data: Any) -> nn.Module:
+    """Build ``cfg.model`` for ``data`` and load ``state`` into it (whole classifier, or the
+    bare network with the file's normalization)."""
+    from ..models import build_model
+
+    net_only = not any(k.startswith(("net.", "normalize.")) for k in state)
+    mean, std = data.mean, data.std
+    if net_only:
+        state = dict(state)
+        mean, std = (0.0,) * data.in_channels, (1.0,) * data.in_channels
+        for km, ks in _NORM_KEYS:
+            if km in state and ks in state:
+                mean = tuple(float(v) for v in state.pop(km).flatten())
+                std = tuple(float(v) for v in state.pop(ks).flatten())
+                break
+        else:
+            log.info("no normalization in the file: images in [0, 1] reach the network as is")
+    model = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size,
+                        mean, std, **cfg.model.params)
+    target = model.net if net_only else model
+    fix = "check --model and --set model.params.KEY=VALUE"
+    try:
+        result = target.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ
+        detail = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise UserError(f"the weights do not fit model {cfg.model.name!r} ({detail[:160]}); "
+                        f"{fix}") from None
+    if result.missing_keys or result.unexpected_keys:
+        miss = ", ".join(result.missing_keys[:3]) or "none"
+        extra = ", ".join(result.unexpected_keys[:3]) or "none"
+        raise UserError(f"the weights do not fit model {cfg.model.name!r} (missing: {miss}; "
+                        f"unexpected: {extra}); {fix}")
+    return model
+
+
+def _has_ensemble(specs: list[str]) -> bool:
+    from ..attacks import ATTACKS, parse_attack_spec
+    from ..attacks.autoattack import AutoAttack
+
+    return any(issubclass(ATTACKS.get(parse_attack_spec(s)[0]), AutoAttack) for s in specs)
+
+
+def _evaluate(target: Target, attacks: str | None, resume: bool, quiet: bool) -> dict[str, Any]:
+    cfg = target.cfg
+    if attacks:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(
+            update={"attacks": type(cfg.eval).model_validate({"attacks": attacks}).attacks})})
+    if target.run_dir is not None and not resume and not _has_ensemble(cfg.eval.attacks):
+        from ..engine.trainer import run_eval  # the same evaluation as at the end of training
+
+        return run_eval(target.model, target.data, cfg, target.out_dir, None, target.device,
+                        quiet=quiet)
+    return evaluate_target(target, cfg, resume, quiet)
+
+
+def evaluate_target(target: Target, cfg: RunConfig, resume: bool = False,
+                    quiet: bool = False) -> dict[str, Any]:
+    """The staged, resumable evaluation (AutoAttack per stage); saves summary + matrix."""
+    from ..engine.staged import evaluate_staged
+
+    ev, data = cfg.eval, target.data
+    split = data.split(ev.split)
+    if ev.n is not None and ev.n < len(split):
+        split = split.subset(torch.arange(ev.n))
+    eps = ev.eps if ev.eps is not None else cfg.attack.eps
+    norm = ev.norm or cfg.attack.norm
+    res = evaluate_staged(
+        target.model, split, ev.attacks, eps, norm, data.num_classes, ev.batch_size,
+        ev.step_size, target.device, cfg.seed, state_path=target.out_dir / STATE_FILE,
+        resume=resume, fingerprint={**target.fingerprint, "dataset": cfg.data.name,
+                                    "split": ev.split}, quiet=quiet)
+    res.settings.update({"dataset": cfg.data.name, "split": ev.split, "model": cfg.model.name,
+                         "class_names": data.class_names, "group_names": data.group_names,
+                         **target.fingerprint})
+    return res.save(target.out_dir)
+
+
+def evaluate_run(run_dir: Path, attacks: str | None = None, overrides: list[str] | None = None,
+                 which: str | None = None, quiet: bool = False,
+                 resume: bool = False) -> dict[str, Any]:
+    """Evaluate a run with its ``eval`` settings (and ``attacks`` if given); return the summary."""
+    return _evaluate(load_run(run_dir, overrides, which), attacks, resume, quiet)
+
+
+def render(summary: dict[str, Any], title: str) -> str:
+    """The per-class table, the per-stage tables of each ensemble, and the confusion matrix
+    under the last attack."""
+    names = summary.get("settings", {}).get("class_names") or None
+    parts = [class_table(_for_display(summary), names, title)]
+    if "worst_case" in summary:
+        parts.append("worst-case: per sample, the worst over " +
+                     ", ".join(summary["worst_case"]["over"]))
+    for parent, stages in summary.get("stages", {}).items():
+        cols: dict[str, Any] = {"clean": summary["attacks"]["clean"]}
+        for i, (stage, s) in enumerate(stages.items()):
+            cols[stage if i == 0 else f"+{stage}"] = s
+        table = {"attacks": cols, "num_classes": summary["num_classes"], "n": summary["n"]}
+        parts.append(class_table(table, names, f"{parent}: robust accuracy (%) after each "
+                                               f"stage, cumulative (the last column is the "
+                                               f"per-sample worst case over the ensemble)"))
+    adv = [a for a in summary["attacks"] if a != "clean"]
+    conf = summary.get("confusion", {})
+    if adv and adv[-1] in conf and summary["num_classes"] <= 20:
+        parts.append(confusion_table(conf[adv[-1]], names, adv[-1]))
+    return "\n\n".join(parts)
+
+
+def _for_display(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary with the parameter-free attacks (APGD, FAB, AutoAttack) described by their
+    protocol instead of a PGD step size."""
+    settings = dict(summary.get("settings", {}))
+    stages = settings.get("stages", {})
+    shown = []
+    for a in settings.get("attacks", []):
+        if "steps" in a and "step_size" not in a:
+            if "version" in a:
+                comps = ", ".join(stages.get(a["attack"], []))
+                text = (f"{a['attack']} ({a['version'] if not a.get('attacks') else 'custom'}: "
+                        f"{comps}; {a['steps']} iterations, Square {a['n_queries']} "
+                        f"queries, seed {a['seed']})")
+            else:
+                text = f"{a['attack']} ({a['steps']} iterations, restarts {a.get('restarts', 1)})"
+            a = {"attack": text}
+        shown.append(a)
+    settings["attacks"] = shown
+    return {**summary, "settings": settings}
+
+
+def confusion_table(matrix: list[list[int]], names: list[str] | None, attack: str) -> str:
+    """Rows: true class; columns: predicted class under ``attack``."""
+    c = len(matrix)
+    labels = [str(v) for v in (names or range(c))][:c]
+    w = max(5, *(len(lbl) for lbl in labels), *(len(str(v)) for row in matrix for v in row))
+    lines = [f"confusion under {attack} (rows: true class, columns: predicted)",
+             " " * w + " " + " ".join(f"{lbl:>{w}}" for lbl in labels)]
+    for lbl, row in zip(labels, matrix, strict=True):
+        lines.append(f"{lbl:>{w}} " + " ".join(f"{v:>{w}}" for v in row))
+    return "\n".join(lines)
+
+
+def _print_checks(target: Target, quiet: bool, as_json: bool) -> int:
+    from ..engine.checks import run_checks
+
+    cfg, data = target.cfg, target.data
+    ev = cfg.eval
+    split = data.split(ev.split)
+    n = min(len(split), ev.n or 200)
+    x = split.images(torch.arange(n)).to(target.device)
+    y = split.y[:n].to(target.device)
+    eps = ev.eps if ev.eps is not None else cfg.attack.eps
+    norm = ev.norm or cfg.attack.norm
+    results = run_checks(target.model, x, y, eps, norm)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        click.echo(f"{target.label}: sanity checks on {n} images, eps {eps:.4g} ({norm})")
+        for r in results:
+            click.echo(f"{'PASS' if r.passed else 'FAIL'}  {r.name:<19} {r.verdict}")
+            if not r.passed:
+                click.echo(f"      fix: {r.fix}")
+        bad = sum(not r.passed for r in results)
+        click.echo(f"{len(results) - bad} passed, {bad} failed")
+    return 1 if any(not r.passed for r in results) else 0
 
 
 command = eval_cmd

@@ -1,0 +1,264 @@
+"""Staged, resumable evaluation.
+
+Each attack runs over the whole split before the next one starts, and AutoAttack is expanded
+into its components: a component attacks only the points that the previous ones left classified
+correctly, and its row of the matrix holds the robustness *after* it (``autoattack/apgd-ce``,
+``autoattack/apgd-t``, …; ``autoattack`` itself is the per-sample worst case over all of them).
+A point misclassified without attack counts as broken under every attack and is not attacked.
+
+Progress is kept in a state file (per-row correct flags and predictions, the finished rows, and
+how many batches of the current row are done), written atomically after every finished row and
+at most every ``save_every`` seconds in between, so that a stopped evaluation resumes without
+repeating finished work. Every batch is seeded from (seed, row, batch number): a resumed
+evaluation gives the same matrix as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks import Attack, build_attack
+from ..attacks.autoattack import AutoAttack
+from ..attacks.base import eval_mode
+from ..errors import UserError
+from .evaluator import EvalResult
+from .io import atomic_write_json
+
+log = logging.getLogger("robustfair.eval")
+
+STATE_FORMAT = "robustfair-eval-state"
+
+
+@dataclass
+class Stage:
+    """One row of the matrix: ``attack`` on the points that row ``after`` left correct (all
+    points when None); no attack and ``after`` set means a copy of that row."""
+
+    row: str
+    attack: Attack | None
+    after: str | None
+
+
+def plan(attacks: Sequence[Attack]) -> list[Stage]:
+    """Rows in order: clean first, then each attack; AutoAttack as its cumulative stages."""
+    stages = [Stage("clean", None, None)]
+    for atk in attacks:
+        if atk.name == "clean":
+            continue
+        if isinstance(atk, AutoAttack):
+            prev = "clean"
+            for comp_name, comp in atk.stages():
+                row = f"{atk.name}/{comp_name}"
+                stages.append(Stage(row, comp, prev))
+                prev = row
+            stages.append(Stage(atk.name, None, prev))
+        else:
+            stages.append(Stage(atk.name, atk, "clean"))
+    return stages
+
+
+class EvalState:
+    """The resumable progress of one evaluation (JSON, written atomically)."""
+
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any], n: int) -> None:
+        self.path, self.fingerprint, self.n = path, fingerprint, n
+        self.rows: dict[str, tuple[Tensor, Tensor]] = {}
+        self.current: dict[str, Any] | None = None
+        self._saved = time.monotonic()
+
+    @classmethod
+    def open(cls, path: Path | None, fingerprint: dict[str, Any], n: int,
+             resume: bool) -> EvalState:
+        st = cls(path, fingerprint, n)
+        if path is None or not resume:
+            return st
+        if not path.exists():
+            log.warning("nothing to resume in %s; starting from the beginning", path)
+            return st
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"the evaluation state {str(path)!r} is unreadable; delete it and "
+                            f"run without --resume") from None
+        if raw.get("format") != STATE_FORMAT or raw.get("fingerprint") != _jsonable(fingerprint):
+            raise UserError(f"{str(path)!r} belongs to an evaluation with other settings "
+                            f"(model, eps, norm, attacks, n or seed); run without --resume to "
+                            f"start over")
+        for row, rec in raw.get("rows", {}).items():
+            st.rows[row] = _decode(rec, n)
+        cur = raw.get("current")
+        if cur is not None:
+            c, p = _decode(cur, n)
+            st.current = {"row": cur["row"], "batches_done": int(cur["batches_done"]),
+                          "correct": c, "pred": p}
+        return st
+
+    def done(self, row: str) -> bool:
+        return row in self.rows
+
+    def finish(self, row: str, correct: Tensor, pred: Tensor) -> None:
+        self.rows[row] = (correct.clone(), pred.clone())
+        self.current = None
+        self.save()
+
+    def progress(self, row: str, batches_done: int, correct: Tensor, pred: Tensor,
+                 every: float) -> None:
+        self.current = {"row": row, "batches_done": batches_done, "correct": correct,
+                        "pred": pred}
+        if time.monotonic() - self._saved >= every:
+            self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        cur = None
+        if self.current is not None:
+            cur = {"row": self.current["row"], "batches_done": self.current["batches_done"],
+                   **_encode(self.current["correct"], self.current["pred"])}
+        atomic_write_json(self.path, {
+            "format": STATE_FORMAT, "version": 1, "fingerprint": _jsonable(self.fingerprint),
+            "finished": list(self.rows), "current": cur,
+            "rows": {r: _encode(c, p) for r, (c, p) in self.rows.items()},
+        })
+        self._saved = time.monotonic()
+
+    def remove(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
+
+def _encode(correct: Tensor, pred: Tensor) -> dict[str, Any]:
+    return {"correct": "".join("1" if b else "0" for b in correct.tolist()),
+            "pred": [int(v) for v in pred.tolist()]}
+
+
+def _decode(rec: dict[str, Any], n: int) -> tuple[Tensor, Tensor]:
+    c, p = rec["correct"], rec["pred"]
+    if len(c) != n or len(p) != n:
+        raise UserError("the evaluation state does not match the data; run without --resume")
+    return torch.tensor([ch == "1" for ch in c], dtype=torch.bool), torch.tensor(p).long()
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def batch_seed(seed: int, row: str, batch: int) -> int:
+    """A seed per (run seed, row, batch), stable across processes (unlike ``hash``)."""
+    return zlib.crc32(f"{seed}/{row}/{batch}".encode()) + seed * 1_000_003
+
+
+def evaluate_staged(
+    model: nn.Module, data: Any, attacks: Sequence[str | Attack], eps: float, norm: str = "linf",
+    num_classes: int | None = None, batch_size: int = 500, step_size: float | None = None,
+    device: torch.device | str | None = None, seed: int = 0, state_path: Path | None = None,
+    resume: bool = False, fingerprint: dict[str, Any] | None = None, save_every: float = 30.0,
+    quiet: bool = True,
+) -> EvalResult:
+    """Evaluate ``model`` on ``data`` (an :class:`ArrayData`) attack by attack; see the module
+    docstring. Returns the :class:`EvalResult` (rows of AutoAttack stages included)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    built = [a if isinstance(a, Attack) else build_attack(a, norm, step_size) for a in attacks]
+    stages = plan(built)
+    n = len(data)
+    fp = {"eps": eps, "norm": norm, "seed": seed, "n": n, "batch_size": batch_size,
+          "attacks": [a.describe() for a in built], **(fingerprint or {})}
+    state = EvalState.open(state_path, fp, n, resume)
+    if state.rows:
+        log.info("resuming: %s already done", ", ".join(state.rows))
+    labels = data.y.cpu().long()
+    timing: dict[str, float] = {}
+    try:
+        for stage in stages:
+            if state.done(stage.row):
+                continue
+            t0 = time.perf_counter()
+            correct, pred = _run_stage(model, data, stage, state, labels, eps, batch_size,
+                                       device, seed, save_every, quiet)
+            timing[stage.row] = round(time.perf_counter() - t0, 3)
+            state.finish(stage.row, correct, pred)
+            if stage.row != "clean":
+                log.info("%-24s %5.1f%%  (%.1f s)", stage.row,
+                         100 * float(correct.float().mean()), timing[stage.row])
+    except BaseException:  # interrupted: keep what is done for --resume
+        state.save()
+        raise
+    names = [s.row for s in stages]
+    correct = torch.stack([state.rows[r][0] for r in names])
+    pred = torch.stack([state.rows[r][1] for r in names])
+    settings = {
+        "eps": eps, "norm": norm, "seed": seed, "n": n, "attacks": [a.describe() for a in built],
+        "stages": {a.name: [s for s, _ in a.stages()] for a in built if isinstance(a, AutoAttack)},
+        "timing_s": timing,
+        "protocol": "a point misclassified without attack counts as broken under every attack; "
+                    "an ensemble's row is the per-sample worst case over its stages",
+    }
+    groups = data.group.cpu() if getattr(data, "group", None) is not None else None
+    result = EvalResult(names, correct, pred, labels, num_classes or int(labels.max()) + 1,
+                        groups, settings)
+    state.remove()
+    return result
+
+
+def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labels: Tensor,
+               eps: float, batch_size: int, device: torch.device, seed: int, save_every: float,
+               quiet: bool) -> tuple[Tensor, Tensor]:
+    if stage.after is None:
+        return _clean(model, data, labels, batch_size, device)
+    base_c, base_p = state.rows[stage.after]
+    if stage.attack is None:
+        return base_c.clone(), base_p.clone()
+    correct, pred, start = base_c.clone(), base_p.clone(), 0
+    if state.current is not None and state.current["row"] == stage.row:
+        correct, pred = state.current["correct"], state.current["pred"]
+        start = state.current["batches_done"]
+    todo = base_c.nonzero().flatten()
+    chunks = list(torch.split(todo, batch_size))
+    bar = _bar(quiet, stage.row, len(todo), sum(len(c) for c in chunks[:start]))
+    for b in range(start, len(chunks)):
+        idx = chunks[b]
+        x = data.images(idx).to(device)
+        y = labels[idx].to(device)
+        rng = torch.get_rng_state()
+        torch.manual_seed(batch_seed(seed, stage.row, b))
+        try:
+            x_adv = stage.attack(model, x, y, eps)
+        finally:
+            torch.set_rng_state(rng)
+        with eval_mode(model), torch.no_grad():
+            p = model(x_adv).argmax(1).cpu()
+        pred[idx], correct[idx] = p, p == labels[idx]
+        state.progress(stage.row, b + 1, correct, pred, save_every)
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return correct, pred
+
+
+def _clean(model: nn.Module, data: Any, labels: Tensor, batch_size: int,
+           device: torch.device) -> tuple[Tensor, Tensor]:
+    preds = []
+    with eval_mode(model), torch.no_grad():
+        for idx in torch.split(torch.arange(len(labels)), max(batch_size, 1000)):
+            preds.append(model(data.images(idx).to(device)).argmax(1).cpu())
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    return pred == labels, pred
+
+
+def _bar(quiet: bool, desc: str, total: int, initial: int) -> Any:
+    if quiet or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", leave=False)
