@@ -59,3 +59,16 @@ def test_two_processes_equal_one(tmp_path):
     lb = [json.loads(x) for x in (two / "log.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == 2
     assert abs(la[-1]["train_loss"] - lb[-1]["train_loss"]) < 1e-5
+
+
+@pytest.mark.timeout(900)
+def test_dafa_class_weights_equal_under_two_processes(tmp_path):
+    extra = {"method": {"objective": {"name": "pgd_at", "random_start": False},
+                        "policy": {"name": "dafa", "warmup": 1, "lam": 1.0}},
+             "eval": {"attacks": ["clean"]}}
+    one = _run(tmp_path, "dafa1", 1, extra)
+    two = _run(tmp_path, "dafa2", 2, extra)
+    wa = load_checkpoint(one / "checkpoints" / "last.pt")["policy"]["weights"]
+    wb = load_checkpoint(two / "checkpoints" / "last.pt")["policy"]["weights"]
+    assert not torch.allclose(wa, torch.ones_like(wa))  # DAFA did move the weights
+    assert torch.allclose(wa, wb, atol=1e-6)

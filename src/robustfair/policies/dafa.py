@@ -123,6 +123,10 @@ class DAFA(Policy):
     def on_epoch_end(self, ctx: EpochContext) -> None:
         if ctx.epoch != self.tau or self.active:
             return
+        from ..engine.distributed import all_reduce_sum
+
+        all_reduce_sum(self._prob_sum)  # under torchrun: the statistics of the global batches
+        all_reduce_sum(self._count)
         seen = self._count > 0
         if not bool(seen.any()):
             log.warning("DAFA: no adversarial logits were seen in epoch %d (the objective "
