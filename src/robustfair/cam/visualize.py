@@ -99,11 +99,11 @@ def save_grid(path: Path, x: Tensor, y: Tensor, panels: dict[str, Tensor],
         w = panels["weights"][i]
         ax[2].imshow(_to_hwc(w), cmap="gray" if w.shape[0] == 1 else None, vmin=0, vmax=1)
         mean_eps = float(panels["eps_map"][i].mean())
-        ax[2].set_title(f"ε map (white ε, black ε_low), mean {mean_eps:.4f}", fontsize=8)
+        ax[2].set_title(f"ε map, mean {mean_eps:.4f}", fontsize=8)
         for a in ax:
             a.set_xticks([])
             a.set_yticks([])
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title + "\nε map: a lit channel keeps ε there, black is ε_low", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
