@@ -25,11 +25,13 @@ Three parts, printed in one run:
    (``train.precision=bf16``, ``train.channels_last=true``), and the achieved fraction of the
    GPU's dense bf16 peak from a FLOP count of one training step, attack included (the
    per-operator formulas of :mod:`torch.utils.flop_counter`, which count matrix products and
-   convolutions only; see :class:`FlopCount`).
+   convolutions only; see :class:`FlopCount`), and the number of host-device synchronisations in
+   one training step (``torch.cuda.set_sync_debug_mode``).
 
-The machine may be shared: every measurement is repeated, contenders are interleaved
-(ours, reference, ours, reference, ...) so that load drift hits all of them alike, and the
-medians are reported; ratios are medians of the per-round ratios.
+The machine may be shared: every measurement is repeated, contenders are interleaved (measured
+in turn in every round, the order reversed every other round: A B, B A, ...) so that load drift
+hits all of them alike, and the medians are reported; ratios are medians of the per-round
+ratios.
 """
 
 from __future__ import annotations
@@ -178,12 +180,15 @@ def images_per_s(run: Callable[[int], None], n: int, batch: int, device: torch.d
 
 def interleaved(contenders: dict[str, Callable[[int], None]], n: int, warmup: int, repeats: int,
                 batch: int, device: torch.device) -> dict[str, dict[str, list[float]]]:
-    """Images/s per round of every contender, measured A B A B … after a warm-up of each."""
+    """Images/s per round of every contender after a warm-up of each, measured in turn with the
+    order reversed every other round (A B, B A, A B, …) so that a drift in the machine's load
+    and the position in a round fall on every contender alike."""
     for run in contenders.values():
         run(warmup)
     out: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in contenders}
-    for _ in range(repeats):
-        for k, run in contenders.items():
+    for r in range(repeats):
+        order = list(contenders.items())
+        for k, run in order if r % 2 == 0 else order[::-1]:
             wall, cpu = images_per_s(run, n, batch, device)
             out[k]["wall"].append(wall)
             out[k]["cpu"].append(cpu)
@@ -546,8 +551,9 @@ def bench_attack(args: argparse.Namespace, device: torch.device, data: DataBundl
     times: dict[str, dict[str, list[float]]] = {c: {"wall": [], "cpu": []} for c in contenders}
     for fn, _, _ in contenders.values():
         fn()
-    for _ in range(args.attack_repeats):
-        for c, (fn, steps, calls) in contenders.items():
+    for r in range(args.attack_repeats):
+        order = list(contenders.items())
+        for c, (fn, steps, calls) in order if r % 2 == 0 else order[::-1]:
             synchronize(device)
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(calls):
@@ -637,6 +643,20 @@ def step_flops(ours: Ours) -> int:
     return counter.total
 
 
+def sync_count(ours: Ours) -> int:
+    """Host-device synchronisations in one training step (CUDA's sync debug mode)."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours(1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def bench_cuda(specs: list[MethodSpec], args: argparse.Namespace, device: torch.device,
                fp32: dict[str, Any], report: dict[str, Any]) -> None:
     """bf16 autocast + channels-last through the Trainer, and the fraction of the bf16 peak."""
@@ -644,9 +664,10 @@ def bench_cuda(specs: list[MethodSpec], args: argparse.Namespace, device: torch.
     print(f"\n[3] {name}: bf16 autocast + channels-last (train.precision=bf16, "
           f"train.channels_last=true), interleaved with ours fp32; FLOPs of one step with "
           f"torch.utils.flop_counter's formulas (matmul/conv only); dense bf16 peak "
-          f"{'unknown (pass --peak-tflops)' if peak is None else f'{peak:.0f} TFLOP/s'}")
+          f"{'unknown (pass --peak-tflops)' if peak is None else f'{peak:.0f} TFLOP/s'}; "
+          f"syncs/step: host-device synchronisations in one step (torch.cuda sync debug mode)")
     print(f"    {'method':<8} {'bf16 img/s':>10} {'fp32 img/s':>10} {'speedup':>8} "
-          f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'of peak':>8}")
+          f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'of peak':>8} {'syncs/step':>10}")
     for spec in specs:
         if spec.key not in fp32 or not registered(spec.needs):
             continue
@@ -659,14 +680,16 @@ def bench_cuda(specs: list[MethodSpec], args: argparse.Namespace, device: torch.
         res = interleaved({"bf16": bf16, "fp32": base}, args.batches, args.warmup,
                           args.repeats, args.batch_size, device)
         flops = step_flops(bf16)
+        syncs = sync_count(bf16)
         ips = statistics.median(res["bf16"]["wall"])
         achieved = flops * ips / args.batch_size / 1e12
         frac = f"{100 * achieved / peak:>7.2f}%" if peak else "     n/a"
         speed = paired_ratio(res["bf16"]["wall"], res["fp32"]["wall"])[0]
         print(f"    {spec.label:<8} {ips:>10.0f} {statistics.median(res['fp32']['wall']):>10.0f} "
-              f"{speed:>7.2f}x {flops / 1e9:>10.2f} {achieved:>8.2f} {frac}")
+              f"{speed:>7.2f}x {flops / 1e9:>10.2f} {achieved:>8.2f} {frac} {syncs:>10d}")
         report["cuda"][spec.key] = {**res, "flops_per_step": flops, "tflops": achieved,
-                                    "peak_tflops": peak, "device_name": name}
+                                    "peak_tflops": peak, "device_name": name,
+                                    "syncs_per_step": syncs}
 
 
 # ------------------------------------------------------------------------------ main
@@ -675,8 +698,8 @@ def bench_cuda(specs: list[MethodSpec], args: argparse.Namespace, device: torch.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="few batches and rounds (about a minute "
-                   "or two on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="one batch per measurement, 7 rounds, a "
+                   "5-step attack benchmark (minutes on 2 free CPU cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--model", default="smallcnn", help="registered model name")
     p.add_argument("--methods", nargs="+", choices=METHOD_KEYS, default=list(METHOD_KEYS))
@@ -718,8 +741,9 @@ def main(argv: list[str] | None = None) -> int:
     if load > (os.cpu_count() or 1):
         print(f"    note: the machine is overloaded (load {load:.1f} on {os.cpu_count()} cores); "
               f"absolute images/s are not representative, the ratios are the result")
-    print("    contenders are measured in turn (A B A B ...) in every round so that load drift "
-          "from other users of the machine hits them alike; medians over rounds")
+    print("    contenders are interleaved: measured in turn in every round, the order reversed "
+          "every other round (A B, B A, ...), so that load drift from other users of the "
+          "machine hits them alike; medians over rounds")
     report: dict[str, Any] = {"args": vars(args).copy(), "training": {}, "attack": {},
                               "cuda": {}, "torch": torch.__version__}
     specs = [method_specs(args.model)[k] for k in args.methods]
