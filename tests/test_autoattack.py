@@ -122,6 +122,20 @@ def test_square_schedule_and_eta_pattern():
     assert e[0, 0] < e[1, 2] and e[0, 0] == e[0, 4]
 
 
+def test_binary_task_runs_the_whole_ensemble():
+    """With 2 classes the DLR ratios are undefined: APGD-DLR/T fall back to the logit margin."""
+    z = torch.tensor([[2.0, -1.0]])
+    assert dlr_loss(z, torch.tensor([0])).item() == pytest.approx(-3.0)
+    assert dlr_loss_targeted(z, torch.tensor([0]), torch.tensor([1])).item() == pytest.approx(-3.0)
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    x = torch.rand(20, 1, 4, 4)
+    y = lin(x).argmax(1)
+    out = AutoAttack(n_queries=50, steps=10).run(lin, x, y, 0.3)
+    assert list(out.robust) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert float(out.robust["square"].float().mean()) < 1.0
+
+
 def test_registered_names_and_specs():
     for name in ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square", "autoattack",
                  "autoattack-plus", "autoattack-rand"):
@@ -164,10 +178,10 @@ def test_per_sample_and_per_element_eps(mlp, test_set, spec, kw):
     assert ((xm - x).abs() <= emap + 1e-6).all()
 
 
-@pytest.mark.parametrize("spec", ["apgd-ce20", "square"])
+@pytest.mark.parametrize("spec", ["apgd-ce20", "fab-t10", "square"])
 def test_l2_ball_and_zero_eps(mlp, test_set, spec):
     x, y = test_set[0][:30], test_set[1][:30]
-    kw = {"n_queries": 100} if spec == "square" else {}
+    kw = {"square": {"n_queries": 100}, "fab-t10": {"n_target_classes": 2}}.get(spec, {})
     xa = build_attack(spec, "l2", **kw)(mlp, x, y, 0.5)
     assert ((xa - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()
     assert torch.allclose(build_attack(spec, "linf", **kw)(mlp, x, y, 0.0), x)

@@ -36,25 +36,30 @@ LossFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 def dlr_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
     """Difference of Logits Ratio: −(z_y − max_{i≠y} z_i) / (z_π1 − z_π3), π sorting z
-    decreasingly (Croce & Hein 2020, eq. 6). Shift- and scale-invariant in the logits."""
-    if logits.shape[1] < 3:
-        raise ValueError("the DLR loss needs at least 3 classes; use APGD-CE")
+    decreasingly (Croce & Hein 2020, eq. 6). Shift- and scale-invariant in the logits.
+
+    With 2 classes z_π3 does not exist; the unnormalised margin −(z_y − max_{i≠y} z_i) is used.
+    """
     z_sorted = logits.sort(dim=1, descending=True).values
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     top_is_y = logits.argmax(1) == y
     z_other = torch.where(top_is_y, z_sorted[:, 1], z_sorted[:, 0])
+    if logits.shape[1] < 3:
+        return -(z_y - z_other)
     return -(z_y - z_other) / (z_sorted[:, 0] - z_sorted[:, 2] + 1e-12)
 
 
 def dlr_loss_targeted(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
-    """Targeted DLR: −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2) (Croce & Hein 2020, eq. 7)."""
+    """Targeted DLR: −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2) (Croce & Hein 2020, eq. 7).
+
+    With fewer than 4 classes z_π4 does not exist; the unnormalised −(z_y − z_t) is used."""
     if target is None:
         raise ValueError("the targeted DLR loss needs target classes")
-    if logits.shape[1] < 4:
-        raise ValueError("the targeted DLR loss needs at least 4 classes; use APGD-CE")
-    z_sorted = logits.sort(dim=1, descending=True).values
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     z_t = logits.gather(1, target[:, None]).squeeze(1)
+    if logits.shape[1] < 4:
+        return -(z_y - z_t)
+    z_sorted = logits.sort(dim=1, descending=True).values
     return -(z_y - z_t) / (z_sorted[:, 0] - 0.5 * (z_sorted[:, 2] + z_sorted[:, 3]) + 1e-12)
 
 
@@ -292,7 +297,7 @@ class APGDDLR(APGDBase):
     """APGD on the Difference-of-Logits-Ratio loss (Croce & Hein, ICML 2020, arXiv:2003.01690).
 
     The DLR loss is invariant to shifting and rescaling the logits, so a saturated softmax does
-    not hide the gradient. Needs at least 3 classes.
+    not hide the gradient.
     """
 
     def loss_fn(self) -> LossFn:

@@ -12,7 +12,10 @@ soon as it is misclassified.
 - ℓ2 (Algorithm 3): start from a grid of the centre-weighted η patterns (eq. 2); a proposal moves
   the perturbation's mass of a second window W2 and the unused budget into window W1.
 
-Every image draws its own window positions and signs. The query budget of AutoAttack is 5,000.
+Every image draws its own window positions and signs, uniformly over all positions
+{0, …, h − s} as in the paper (the reference code draws from {0, …, h − s − 1} and so never
+changes the last row and column; on 8×8 images that costs it ~10 points of success rate). The
+query budget of AutoAttack is 5,000.
 """
 
 from __future__ import annotations
