@@ -226,7 +226,7 @@ def group_table(summary: dict[str, Any]) -> str:
     class_names = summary.get("settings", {}).get("class_names") or [
         str(i) for i in range(summary.get("num_classes", 0))]
     w = max(8, *(len(c) + 1 for c in cols))
-    nw = max(16, *(len(str(n)) + 1 for n in names))
+    nw = max(18, *(len(str(n)) + 1 for n in names))
     lines = ["group accuracy (%) and fairness differences (%, fairlearn definitions)",
              f"{'group':<{nw}} {'count':>6} " + " ".join(f"{c:>{w}}" for c in cols)]
     for k, name in enumerate(names):
