@@ -319,6 +319,7 @@ def test_group_samplers_train_through_the_engine(group_digits, tmp_path, objecti
         validation={"every": 1, "n": 100}, eval={"attacks": ["clean", "pgd5"]},
         logging={"progress": False})
     run = tmp_path / "run"
+    run.mkdir()
     tr = Trainer(cfg, run, data=group_digits, quiet=True)
     tr.fit()
     line = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
