@@ -23,6 +23,7 @@ from .. import __version__
 from ..budgets import BUDGETS
 from ..config import RunConfig, dump_config
 from ..data import DataBundle, augment_batch, load_data
+from ..data.core import stratified_holdout
 from ..errors import UserError
 from ..models import build_model
 from ..objectives import OBJECTIVES, BuildContext
@@ -367,7 +368,7 @@ class Trainer:
         if len(val) == 0 or cfg.validation.every == 0:
             return {}
         if cfg.validation.n is not None and cfg.validation.n < len(val):
-            val = val.subset(torch.arange(cfg.validation.n))
+            val = stratified_holdout(val, cfg.validation.n)[1]
         attacks = ["clean"] + ([cfg.validation.attack] if cfg.attack.eps > 0 else [])
         res = evaluate(self.eval_model(), val, attacks, cfg.attack.eps, cfg.attack.norm,
                        self.data.num_classes, cfg.eval.batch_size, device=self.device,
@@ -561,7 +562,7 @@ def run_eval(model: nn.Module, data: DataBundle, cfg: RunConfig, out_dir: Path,
     ev = cfg.eval
     split = data.split(ev.split)
     if ev.n is not None and ev.n < len(split):
-        split = split.subset(torch.arange(ev.n))
+        split = stratified_holdout(split, ev.n)[1]
     eps = ev.eps if ev.eps is not None else cfg.attack.eps
     norm = ev.norm or cfg.attack.norm
     bar = None
