@@ -327,7 +327,8 @@ def test_group_samplers_train_through_the_engine(group_digits, tmp_path, objecti
     if sampler["name"] == "drfairness":
         assert len(hist) == 4 and "mu" in hist[0]  # one update per step, every one logged
     else:
-        assert len(hist) == 6 and "lambda" in hist[0]  # 12 steps, an update every 2
+        # one update before the first step (official timing), then one every 2 of the 12 steps
+        assert len(hist) == 7 and "lambda" in hist[0] and hist[0]["step"] == 0
     st = load_checkpoint(run / "checkpoints" / "last.pt")["sampler"]
     assert "lambda" in st or "phi" in st
     summary = tr.final_eval(progress=False)

@@ -18,9 +18,12 @@ Where the mask comes from (``mask_source``):
   CAM is taken with the current weights rather than those of the start of the epoch; that keeps
   the state to two integers and a resumed run exact.
 
-Differences from the official code that do not change the method: a constant CAM (all zero)
-gives full ε to that image instead of NaN → ε_low, and the attack's random start is uniform in
-the ε map rather than in the scalar ε (the first projection makes them equal).
+The attack's start follows the official code: PART (objective ``pgd_at``, ``start: auto``) takes
+its first gradient at x + U(−ε, ε) with the scalar ε, neither clamped to [0, 1] nor confined to
+the ε_low entries of the map, which only the first projection brings back; PART-T and PART-M
+(``trades``, ``mart``) start at the raw x + 0.001·N(0, I). A difference from the official code that
+does not change the method: a constant CAM (all zero) gives full ε to that image instead of
+NaN → ε_low.
 """
 
 from __future__ import annotations

@@ -311,7 +311,8 @@ class Trainer:
         scale = self.policy.eps_scale(y)
         if scale is not None:
             s = scale.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
-            eps, step = eps * s, step * s
+            eps = eps * s
+            step = self.policy.attack_step(step, s, eps)
         if self.awp is not None and self.epoch >= cfg.train.awp.warmup:
             self.awp.perturb(self.model, self.objective, x, y, eps, step, self.policy)
         objective = getattr(self, "objective_ddp", self.objective)
@@ -418,6 +419,7 @@ class Trainer:
         self.policy.on_epoch_start(e)
         self.objective.on_epoch_start(e)
         batches = self.sampler.epoch_batches(e)
+        self.sampler.on_epoch_start(e, self.model)
         stats = self._new_stats()
         if self.step_in_epoch:
             stats = self._restore_stats()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -24,21 +26,71 @@ class Standard(Objective):
         return ObjectiveOutput({"natural": F.cross_entropy(logits, y, reduction="none")}, logits)
 
 
+#: Where the training attack takes its first gradient (``method.objective.start``).
+Start = Literal["normal", "normal_clamped", "uniform", "uniform_raw"]
+
+START_HELP = (
+    "start of the training attack: normal = x + 0.001·N(0, I), first gradient at that raw point "
+    "(official TRADES, MART, LBGAT, DKL, PART-T/M codes); normal_clamped = the same point "
+    "projected and clamped to [0, 1] first; uniform = uniform in the ε-ball, clamped (Madry, "
+    "torchattacks); uniform_raw = x + U(−ε, ε) with the scalar attack.eps, not clamped "
+    "(official PART code)"
+)
+
+
+def start_params(start: str, eps: float) -> dict[str, Any]:
+    """The iterative attack's parameters that give the start ``start`` (see :data:`Start`)."""
+    if start == "normal":
+        return {"random_start": False, "init_std": 0.001, "clamp_start": False}
+    if start == "normal_clamped":
+        return {"random_start": False, "init_std": 0.001, "clamp_start": True}
+    if start == "uniform":
+        return {"random_start": True, "clamp_start": True}
+    if start == "uniform_raw":
+        return {"random_start": True, "clamp_start": False, "start_eps": float(eps)}
+    raise ValueError(f"unknown attack start {start!r}")
+
+
+def per_element(eps: Tensor) -> bool:
+    """True for an ε that varies within a sample (a per-pixel map, as PART's budget gives)."""
+    return eps.dim() > 1 and eps.flatten(1).shape[1] > 1
+
+
 @OBJECTIVES.register("pgd_at")
 class PGDAT(Objective):
-    """PGD adversarial training (Madry et al., arXiv:1706.06083): CE on PGD examples."""
+    """PGD adversarial training (Madry et al., arXiv:1706.06083): CE on PGD examples.
+
+    The attack starts at a uniform random point of the ε-ball clamped to [0, 1] (Madry's and
+    torchattacks' PGD). With a per-pixel ε map (PART's pixel budget) ``start: auto`` starts as
+    the official PART code does: x + U(−ε, ε) with the scalar attack.eps, not clamped, outside
+    the ε_low part of the map, and the first gradient is taken there.
+    """
 
     class Params(ObjectiveParams):
-        random_start: bool = True
+        random_start: bool = Field(True, description="False: start at x itself")
+        start: Literal["auto"] | Start = Field(
+            "auto", description="auto: uniform, or uniform_raw on a per-pixel ε map (PART); "
+            + START_HELP)
 
     def __init__(self, params, ctx):  # type: ignore[no-untyped-def]
         super().__init__(params, ctx)
-        self.attack = build_attack(
-            f"pgd{ctx.steps}", ctx.norm, random_start=params.random_start
-        ) if ctx.steps > 0 else None
+        self.attack = self.map_attack = None
+        if ctx.steps <= 0:
+            return
+        if not params.random_start:
+            self.attack = build_attack(f"pgd{ctx.steps}", ctx.norm, random_start=False)
+            return
+        start = "uniform" if params.start == "auto" else params.start
+        self.attack = build_attack(f"pgd{ctx.steps}", ctx.norm, **start_params(start, ctx.eps))
+        if params.start == "auto":
+            self.map_attack = build_attack(f"pgd{ctx.steps}", ctx.norm,
+                                           **start_params("uniform_raw", ctx.eps))
 
     def forward(self, model, x, y, eps, step_size):  # type: ignore[override]
-        x_adv = self.attack(model, x, y, eps, step_size) if self.attack is not None else x
+        attack = self.attack
+        if self.map_attack is not None and per_element(eps):
+            attack = self.map_attack
+        x_adv = attack(model, x, y, eps, step_size) if attack is not None else x
         logits_adv = model(x_adv)
         loss = F.cross_entropy(logits_adv, y, reduction="none")
         return ObjectiveOutput({"robust": loss}, None, logits_adv, x_adv)
@@ -46,11 +98,15 @@ class PGDAT(Objective):
 
 class TradesParams(ObjectiveParams):
     beta: float = Field(6.0, ge=0.0, description="β, the weight of the KL term")
+    start: Start = Field("normal", description=START_HELP)
 
 
-def trades_attack(ctx, steps: int | None = None):  # type: ignore[no-untyped-def]
+def trades_attack(ctx: Any, steps: int | None = None, start: str = "normal") -> Any:
+    """The TRADES-KL training attack with ``ctx``'s norm and steps and the given start."""
     steps = ctx.steps if steps is None else steps
-    return build_attack(f"trades-kl{steps}", ctx.norm) if steps > 0 else None
+    if steps <= 0:
+        return None
+    return build_attack(f"trades-kl{steps}", ctx.norm, **start_params(start, ctx.eps))
 
 
 @OBJECTIVES.register("trades")
@@ -61,7 +117,7 @@ class Trades(Objective):
 
     def __init__(self, params, ctx):  # type: ignore[no-untyped-def]
         super().__init__(params, ctx)
-        self.attack = trades_attack(ctx)
+        self.attack = trades_attack(ctx, start=params.start)
 
     def forward(self, model, x, y, eps, step_size):  # type: ignore[override]
         x_adv = self.attack(model, x, y, eps, step_size) if self.attack is not None else x
@@ -82,19 +138,24 @@ def mart_terms(logits: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> di
     )
     nat_probs = F.softmax(logits, dim=1)
     true_probs = nat_probs.gather(1, y[:, None]).squeeze(1)
-    kl = (nat_probs * (torch.log(nat_probs + 1e-12) - torch.log(adv_probs + 1e-12))).sum(1)
+    # nn.KLDivLoss(log(p' + 1e-12), p) elementwise: p·log p − p·log(p' + 1e-12)
+    kl = (torch.xlogy(nat_probs, nat_probs) - nat_probs * torch.log(adv_probs + 1e-12)).sum(1)
     return {"adversarial": adv, "robust": beta * kl * (1.0000001 - true_probs)}
 
 
 @OBJECTIVES.register("mart")
 class MART(Objective):
-    """MART (Wang et al., ICLR 2020): boosted CE on PGD examples + β·KL·(1 − p_y(x))."""
+    """MART (Wang et al., ICLR 2020): boosted CE on PGD examples + β·KL·(1 − p_y(x)).
+
+    The attack is PGD on the cross-entropy started, as in MART's and PART-M's official codes,
+    at the raw x + 0.001·N(0, I) (``start: uniform`` gives the uniform start in the ε-ball)."""
 
     Params = TradesParams
 
     def __init__(self, params, ctx):  # type: ignore[no-untyped-def]
         super().__init__(params, ctx)
-        self.attack = build_attack(f"pgd{ctx.steps}", ctx.norm) if ctx.steps > 0 else None
+        self.attack = build_attack(f"pgd{ctx.steps}", ctx.norm,
+                                   **start_params(params.start, ctx.eps)) if ctx.steps > 0 else None
 
     def forward(self, model, x, y, eps, step_size):  # type: ignore[override]
         x_adv = self.attack(model, x, y, eps, step_size) if self.attack is not None else x

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..attacks import build_attack
 from ..attacks.basic import TradesKL
 from . import OBJECTIVES
 from .base import BuildContext, Objective, ObjectiveOutput, ObjectiveParams
+from .basic import START_HELP, Start, start_params, trades_attack
 
 
 def weighted_mse(z_nat: Tensor, z_adv: Tensor, s: Tensor) -> Tensor:
@@ -107,6 +107,7 @@ class DKLParams(ObjectiveParams):
     attack_beta: float = Field(
         0.0, ge=0.0, description="weight of wMSE in the attack (0: the KL attack, as on CIFAR-10)"
     )
+    start: Start = Field("normal", description=START_HELP)
 
 
 class IKLParams(DKLParams):
@@ -140,8 +141,8 @@ class DKL(Objective):
         if ctx.steps <= 0:
             return None
         if self.params.attack_beta == 0:
-            return build_attack(f"trades-kl{ctx.steps}", ctx.norm)
-        atk = DKLAttack(steps=ctx.steps, norm=ctx.norm)
+            return trades_attack(ctx, start=self.params.start)
+        atk = DKLAttack(steps=ctx.steps, norm=ctx.norm, **start_params(self.params.start, ctx.eps))
         atk.weight_fn = self.sample_weights
         atk.wmse_weight = self.params.attack_beta
         return atk
@@ -149,13 +150,14 @@ class DKL(Objective):
     def sample_weights(self, z_nat: Tensor, y: Tensor) -> Tensor:
         """s for each sample (B, C): the class-wise row s_y, or the per-sample S(p(z_n))."""
         if self.params.weights == "classwise":
-            return self.class_weights[y]
+            return self.class_weights[y].to(z_nat.dtype)
         return F.softmax(z_nat.detach(), dim=1)
 
     @torch.no_grad()
     def _accumulate(self, z_nat: Tensor, y: Tensor) -> None:
-        onehot = F.one_hot(y, self.accum.shape[0]).to(self.accum.dtype)
-        self.accum += onehot.T @ F.softmax(z_nat.detach().float() / self.temperature, dim=1)
+        dtype = self.accum.dtype  # float32, or float64 after objective.double()
+        onehot = F.one_hot(y, self.accum.shape[0]).to(dtype)
+        self.accum += onehot.T @ F.softmax(z_nat.detach().to(dtype) / self.temperature, dim=1)
 
     @torch.no_grad()
     def on_epoch_start(self, epoch: int) -> None:

@@ -26,7 +26,7 @@ from ..attacks.basic import kl_per_sample
 from ..errors import UserError
 from . import OBJECTIVES
 from .base import BuildContext, Objective, ObjectiveOutput, ObjectiveParams
-from .basic import trades_attack
+from .basic import START_HELP, Start, trades_attack
 
 
 class TeacherSpec(BaseModel):
@@ -55,6 +55,7 @@ class LBGATParams(ObjectiveParams):
     evaluate: Literal["robust", "natural"] = Field(
         "robust", description="which of the two models validation and evaluation use"
     )
+    start: Start = Field("normal", description=START_HELP)
 
 
 def lbgat_terms(
@@ -103,7 +104,7 @@ class LBGAT(Objective):
         if ctx.build_model is None:
             raise UserError("the lbgat objective needs a model builder; build it with the Trainer")
         self.natural: nn.Module = ctx.build_model(params.teacher.name, **params.teacher.params)
-        self.attack = trades_attack(ctx)
+        self.attack = trades_attack(ctx, start=params.start)
 
     def forward(  # type: ignore[override]
         self, model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, step_size: Tensor

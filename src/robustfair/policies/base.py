@@ -22,15 +22,16 @@ class PolicyParams(BaseModel):
 class EpochContext:
     """What the engine offers a policy or sampler at the end of an epoch.
 
-    ``evaluate(attack_spec)`` runs that attack on the validation split and returns an
-    :class:`~robustfair.engine.evaluator.EvalResult` (cached per spec within the epoch)."""
+    ``evaluate(attack)`` runs that attack (a spec such as ``pgd20``, or a built
+    :class:`~robustfair.attacks.Attack`) on the validation split and returns an
+    :class:`~robustfair.engine.evaluator.EvalResult` (cached per attack within the epoch)."""
 
     epoch: int
     epochs: int
     model: nn.Module
     num_classes: int
     device: torch.device
-    evaluate: Callable[[str], Any] | None = None
+    evaluate: Callable[[Any], Any] | None = None
     train_stats: dict[str, Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -50,8 +51,19 @@ class Policy:
 
     # --- used in every training step
     def eps_scale(self, y: Tensor) -> Tensor | None:
-        """Per-sample multiplier of ε and of the attack step (None: 1)."""
+        """Per-sample multiplier of ε and, unless :meth:`attack_step` says otherwise, of the
+        attack step (None: 1)."""
         return None
+
+    def attack_step(self, step: Tensor, scale: Tensor, eps: Tensor) -> Tensor:
+        """The attack step when :meth:`eps_scale` gave ``scale``: by default scaled the same way.
+
+        Args:
+            step: the configured step per sample, (B, 1, …).
+            scale: the ε multiplier, shaped like ``step``.
+            eps: the scaled ε.
+        """
+        return step * scale
 
     def combine(self, out: ObjectiveOutput, y: Tensor) -> Tensor:
         """Per-sample loss from the objective's terms."""

@@ -9,7 +9,7 @@ robust enough.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -32,6 +32,12 @@ def ccr_beta(robust: Tensor, lambda_2: float, beta: float) -> Tensor:
     return s / (1 + s)
 
 
+def balanced_rates(correct: Tensor, count: Tensor) -> Tensor:
+    """CFA's code's class-wise accuracy C·correct_k / N (N = Σ_k n_k): correct_k / n_k only when
+    every class has N / C samples."""
+    return len(count) * correct.double() / count.sum().clamp_min(1)
+
+
 def average_state(avg: dict[str, Tensor] | None, new: dict[str, Tensor], decay: float
                   ) -> dict[str, Tensor]:
     """θ̄ ← decay·θ̄ + (1 − decay)·θ on floating tensors (others copied); None starts at θ."""
@@ -51,7 +57,8 @@ class CFA(Policy):
     r_k is the class-k accuracy on the adversarial examples of the previous epoch's training
     batches (the engine's ``train_stats``). From epoch ``begin`` + 1:
 
-    - CCM (``ccm``): class k is attacked within (λ1 + r_k)·ε (the step scales the same way);
+    - CCM (``ccm``): class k is attacked within (λ1 + r_k)·ε, with the configured step α for
+      every class, as in CFA's code (``ccm_step: scaled`` scales the step by λ1 + r_k too);
     - CCR (``ccr``, TRADES only): per sample, (1 − b_y)·CE + b_y·KL with
       b_y = (λ2 + r_y)β / (1 + (λ2 + r_y)β). Without CCR (or before ``begin``) b = β/(1 + β),
       which is TRADES divided by 1 + β, as in the official code (``normalize: false`` keeps
@@ -61,6 +68,10 @@ class CFA(Policy):
     ``fawa_attack`` is ≥ ``fawa_threshold``, the averaged weights θ̄ ← d·θ̄ + (1 − d)·θ
     (the first such epoch starts θ̄ = θ); otherwise θ̄ is left as it is. The final evaluation uses
     θ̄ (``eval_state``); if no epoch qualified, it uses the trained model.
+
+    Per-class accuracies (r_k and the FAWA gate) are correct_k / n_k. CFA's code computes
+    C·correct_k / N, which is the same on balanced data (its CIFAR setting) and not an accuracy
+    otherwise; ``class_accuracy: balanced`` reproduces it.
     """
 
     class Params(PolicyParams):
@@ -75,6 +86,11 @@ class CFA(Policy):
         fawa_decay: float = Field(0.88, ge=0.0, lt=1.0)
         fawa_threshold: float = Field(0.24, ge=0.0, le=1.0)
         fawa_attack: str = "pgd10"
+        ccm_step: Literal["fixed", "scaled"] = Field(
+            "fixed", description="attack step under CCM: fixed α (CFA's code) or (λ1 + r_k)·α")
+        class_accuracy: Literal["exact", "balanced"] = Field(
+            "exact", description="per-class accuracy: exact = correct_k/n_k; balanced = "
+            "C·correct_k/N (CFA's code; equal on balanced data)")
 
     needs = frozenset({"validation"})
 
@@ -92,6 +108,9 @@ class CFA(Policy):
         if not (self.calibrated and self.params.ccm):
             return None
         return per_sample(ccm_scale(self.robust, self.params.lambda_1), y).float()
+
+    def attack_step(self, step: Tensor, scale: Tensor, eps: Tensor) -> Tensor:
+        return step if self.params.ccm_step == "fixed" else step * scale
 
     def combine(self, out: ObjectiveOutput, y: Tensor) -> Tensor:
         natural, rest = natural_and_rest(out)
@@ -113,15 +132,25 @@ class CFA(Policy):
         st = ctx.train_stats
         if "adv_correct" in st and int(st["count"].sum()) > 0:
             count = st["count"].double()
-            acc = st["adv_correct"].double() / count.clamp_min(1)
-            self.robust = torch.where(count > 0, acc, self.robust)
+            if self.params.class_accuracy == "balanced":
+                self.robust = balanced_rates(st["adv_correct"].double(), count)
+            else:
+                acc = st["adv_correct"].double() / count.clamp_min(1)
+                self.robust = torch.where(count > 0, acc, self.robust)
         self.calibrated = ctx.epoch >= self.params.begin
         if self.params.fawa and ctx.evaluate is not None:
             self.update_fawa(ctx)
 
     def update_fawa(self, ctx: EpochContext) -> None:
         res = ctx.evaluate(self.params.fawa_attack)
-        worst = float(per_class_rates(res.correct[1], res.labels, self.num_classes).min())
+        c = self.num_classes
+        if self.params.class_accuracy == "balanced":
+            labels = res.labels.long().cpu()
+            hits = torch.bincount(labels, weights=res.correct[1].double().cpu(), minlength=c)
+            rates = balanced_rates(hits, torch.bincount(labels, minlength=c).double())
+        else:
+            rates = per_class_rates(res.correct[1], res.labels, c)
+        worst = float(rates.min())
         if worst >= self.params.fawa_threshold:
             self.absorb(ctx.model)
 

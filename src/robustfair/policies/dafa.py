@@ -9,7 +9,7 @@ a hard class takes weight from the easier classes it is confused with, and the w
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -64,7 +64,11 @@ class DAFA(Policy):
 
     The weights and the similarity matrix are checkpointed, so a resumed run keeps them (the
     official code does not save them). Weights can become ≤ 0 for a very easy class when λ is
-    large; ``min_weight`` clamps them (off by default, as in the paper).
+    large; ``min_weight`` clamps them (off by default, as in the paper). A class with W ≤ 0 keeps
+    its loss weight W but is attacked within radius max(W, 0)·ε, i.e. not at all: a radius
+    cannot be negative. The official code applies the negative radius W·ε, which makes the box
+    degenerate (its projection sends every image to x + W·ε, clamped to [0, 1], whatever the
+    gradient); ``negative_radius: official`` reproduces that.
     """
 
     class Params(PolicyParams):
@@ -77,6 +81,10 @@ class DAFA(Policy):
         )
         weighted_terms: list[str] | None = Field(
             None, description="terms W multiplies; None: 'natural' if present, else all"
+        )
+        negative_radius: Literal["zero", "official"] = Field(
+            "zero", description="attack radius of a class with W < 0: zero (max(W, 0)·ε) or "
+            "official (W·ε: the official code's degenerate box, x_adv = x + W·ε)"
         )
 
     needs = frozenset({"train_batches"})
@@ -96,7 +104,10 @@ class DAFA(Policy):
 
     # ------------------------------------------------------------------ per step
     def eps_scale(self, y: Tensor) -> Tensor | None:
-        return per_sample(self.weights, y).float() if self.active else None
+        if not self.active:
+            return None
+        w = self.weights if self.params.negative_radius == "official" else self.weights.clamp_min(0)
+        return per_sample(w, y).float()
 
     def combine(self, out: ObjectiveOutput, y: Tensor) -> Tensor:
         if not self.active:
@@ -138,9 +149,9 @@ class DAFA(Policy):
         if self.params.min_weight is not None:
             w = w.clamp_min(self.params.min_weight)
         elif bool((w <= 0).any()):
-            log.warning("DAFA: classes %s got a weight ≤ 0 (λ = %s); set "
-                        "method.policy.min_weight to clamp", torch.nonzero(w <= 0).flatten()
-                        .tolist(), self.params.lam)
+            log.warning("DAFA: classes %s got a weight ≤ 0 (λ = %s): they are not attacked "
+                        "and their loss weight is ≤ 0; set method.policy.min_weight to clamp",
+                        torch.nonzero(w <= 0).flatten().tolist(), self.params.lam)
         self.weights = w
         self.active = True
 

@@ -55,9 +55,12 @@ class FRL(Policy):
     constraints the multipliers move by φ0 += α1·γ0, φ1 += 2α1·γ1 (both clamped at 0 and scaled
     to Σ ≤ ``lim``) and φ2 += α2·γ1. Reweight: the loss is Σw0·CE/Σw0 + Σw1·(rest)/Σw1 over the
     batch, with w = 1/C + φ − mean φ (term ``natural`` takes w0, the other terms w1). Remargin:
-    the attack radius (and step) of class k is ε·clamp(exp(2·φ2_k), 0.98, margin_max). α1 halves
-    every ``halve_every`` updates. Before the first update the policy is plain training, which
-    plays the role of FRL's pre-trained starting point.
+    the attack radius of class k is ε·m_k with m_k = clamp(exp(2·φ2_k), 0.98, margin_max), and
+    the whole batch takes one step, α·max_i m_{y_i} (FRL's code: max_i(ε·m_{y_i})/4, the same at
+    its α = ε/4; ``remargin_step: per_sample`` gives each sample α·m_y). α1 halves every
+    ``halve_every`` updates. Before the first update the policy is plain training, which plays
+    the role of FRL's pre-trained starting point. The validation attack takes steps of ε/4
+    (``val_step``), FRL's 2/255 at ε = 8/255.
     """
 
     class Params(PolicyParams):
@@ -70,6 +73,12 @@ class FRL(Policy):
         margin_max: float | None = Field(None, gt=0.0, description="None: 2.5 (3 for both)")
         halve_every: int | None = Field(40, ge=1, description="halve α1 every N updates")
         attack: str = Field("pgd20", description="validation attack")
+        val_step: float | None = Field(
+            0.25, gt=0.0, description="step of the validation attack as a fraction of ε "
+            "(0.25: FRL's 2/255 at ε = 8/255); None: the attack's default 2.5·ε/steps")
+        remargin_step: Literal["batch", "per_sample"] = Field(
+            "batch", description="attack step under remargin: batch = one step for the batch, "
+            "α·max_i m_{y_i} (FRL's code); per_sample = α·m_y")
         warmup: int = Field(0, ge=0, description="first update after this epoch (0: epoch 1)")
 
     needs = frozenset({"validation"})
@@ -106,6 +115,11 @@ class FRL(Policy):
     def eps_scale(self, y: Tensor) -> Tensor | None:
         return per_sample(self.margins(), y).float() if self.remargins else None
 
+    def attack_step(self, step: Tensor, scale: Tensor, eps: Tensor) -> Tensor:
+        if self.params.remargin_step == "per_sample":
+            return step * scale
+        return (step * scale).amax() * torch.ones_like(step)
+
     def combine(self, out: ObjectiveOutput, y: Tensor) -> Tensor:
         if not self.reweights:
             return out.total()
@@ -121,12 +135,21 @@ class FRL(Policy):
     def on_epoch_end(self, ctx: EpochContext) -> None:
         if ctx.epoch < max(self.params.warmup, 1) or ctx.evaluate is None:
             return
-        res = ctx.evaluate(self.params.attack)
+        res = ctx.evaluate(self.validation_attack())
         c = self.num_classes
         clean = per_class_rates(res.correct[0], res.labels, c)
         robust = per_class_rates(res.correct[1], res.labels, c)
         self.update(clean, robust, float(res.correct[0].float().mean()),
                     float(res.correct[1].float().mean()))
+
+    def validation_attack(self) -> Any:
+        """The validation attack: its spec, built with the step ``val_step``·ε if that is set."""
+        p = self.params
+        if p.val_step is None or self.ctx is None or float(self.ctx.eps) <= 0:
+            return p.attack
+        from ..attacks import build_attack
+
+        return build_attack(p.attack, self.ctx.norm, step_size=p.val_step * float(self.ctx.eps))
 
     def update(self, clean: Tensor, robust: Tensor, clean_avg: float, robust_avg: float) -> None:
         """One multiplier step from per-class clean and robust validation accuracy."""

@@ -8,7 +8,7 @@ weight.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,25 @@ def hedge_weights(cumulative_loss: Tensor, eta: float, num_classes: int) -> Tens
     return num_classes * torch.softmax(eta * cumulative_loss.double(), dim=0)
 
 
+def class_costs(total: Tensor, count: Tensor, mode: str = "class_mean", batches: int = 0,
+                batch_size: int = 0) -> Tensor:
+    """(C + 1,) validation costs from the per-class sums ``total`` and counts ``count`` (C,).
+
+    ``class_mean`` (the paper's L_k): L_k = total_k / n_k and L_C = Σ total / Σ n (a class
+    without samples gets L_C). ``official`` (WAT's code): L_k = C·total_k / (batches·batch_size)
+    and L_C = Σ total / (batches·batch_size), which are the class means only for a balanced set
+    whose size fills its batches exactly (WAT's CIFAR-10 split, 3000 images in 24 batches of 128,
+    gives 0.977 times the means, i.e. η = 0.0977).
+    """
+    total, count = total.double(), count.double()
+    if mode == "official":
+        denom = float(batches * batch_size)
+        return torch.cat([len(total) * total / denom, (total.sum() / denom).view(1)])
+    overall = total.sum() / count.sum()
+    per_class = torch.where(count > 0, total / count.clamp_min(1), overall)
+    return torch.cat([per_class, overall.view(1)])
+
+
 def trades_cost(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, beta: float) -> Tensor:
     """Per-sample TRADES cost CE(f(x), y) + β·KL(p(x) ‖ p(x_adv)), in eval mode."""
     with eval_mode(model), torch.no_grad():
@@ -53,13 +72,19 @@ class WAT(Policy):
     The weights become w = C·softmax(η·Σ_{s≤t} L(s)) over the C + 1 entries, and the training
     loss of a sample of class y is (w_y + w_C)·(its TRADES loss): the class-weighted loss plus
     w_C times the plain batch mean. All weights start at 1.
+
+    L_k is the exact class mean; ``cost: official`` divides the class sums as WAT's code does
+    (see :func:`class_costs`; with ``batch_size: 128``, its setting).
     """
 
     class Params(PolicyParams):
         eta: float = Field(0.1, gt=0.0, description="η, Hedge learning rate")
         beta: float | None = Field(None, ge=0.0, description="TRADES β; None: the objective's")
         val_n: int | None = Field(None, ge=1, description="validation images used (None: all)")
-        batch_size: int = Field(256, ge=1)
+        batch_size: int = Field(128, ge=1, description="validation batch (WAT's code: 128)")
+        cost: Literal["class_mean", "official"] = Field(
+            "class_mean", description="class_mean: L_k = the class-k mean cost; official: "
+            "C·Σ_k/(batches·batch_size), WAT's code (equal only on balanced, batch-filling data)")
 
     needs = frozenset({"validation"})
 
@@ -107,8 +132,8 @@ class WAT(Policy):
             cost = trades_cost(model, x, y, x_adv, self.trades_beta).double().cpu()
             total.index_add_(0, y.cpu(), cost)
             count += torch.bincount(y.cpu(), minlength=c).double()
-        per_class = torch.where(count > 0, total / count.clamp_min(1), total.sum() / count.sum())
-        return torch.cat([per_class, (total.sum() / count.sum()).view(1)])
+        batches = -(-n // self.params.batch_size)
+        return class_costs(total, count, self.params.cost, batches, self.params.batch_size)
 
     def log(self) -> dict[str, Any]:
         return {"weights": [round(float(v), 5) for v in self.weights]}

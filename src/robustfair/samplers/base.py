@@ -39,6 +39,11 @@ class Sampler:
         perm = torch.randperm(len(self.data), generator=g)
         return list(perm.split(self.batch_size))
 
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        """Called before the first step of every epoch, after :meth:`epoch_batches` (also when
+        a run resumes mid-epoch); adaptive samplers may update here, before the batches they
+        shape are drawn."""
+
     def on_step(self, step: int, model: nn.Module) -> None:
         """Called after every optimizer step (adaptive samplers may update here)."""
 

@@ -28,9 +28,10 @@ samples (redrawn until every cell appears in both):
 - one Adam step (lr ``lr``) on φ and one on ψ.
 
 Differences from the official code (``NVlabs/Dr-Fairness``), following the paper: the model's
-BatchNorm layers stay in training mode (the official code leaves the whole model in eval mode for
-the entire run after the first probe; ``freeze_bn: true`` reproduces that from the first update
-on), the first update is a real one (the official first update is zero), ψ starts at 0 (μ = 0.5
+BatchNorm layers stay in training mode (the official code's first probe, made before the first
+step, leaves the whole model in eval mode for the entire run; ``freeze_bn: true`` reproduces
+that, from before the first step), the first update is a real one (the official first update is
+zero), ψ starts at 0 (μ = 0.5
 exactly) and the equal-opportunity and demographic-parity targets exist (the official
 ``--fairness`` flag is ignored). ``probe_attack`` (off by default, an extension) measures the
 probe losses on adversarial probes, for use with adversarial training.
@@ -181,7 +182,7 @@ class DrFairness(GroupSampler):
         positive: int = Field(1, ge=0, description="positive label (eqopp and dp)")
         steps_per_epoch: int | None = Field(None, ge=1, description="None: N_real // batch")
         freeze_bn: bool = Field(False, description="official behaviour: the model stays in "
-                                "eval mode (BatchNorm frozen) from the first update on")
+                                "eval mode (BatchNorm frozen) from before the first step")
         probe_attack: str | None = Field(None, description="attack the probes (e.g. pgd5)")
         max_redraws: int = Field(100, ge=1)
 
@@ -263,14 +264,22 @@ class DrFairness(GroupSampler):
         raise UserError(f"method.sampler.probe={self.probe}: {self.max_redraws} random probes "
                         f"all missed some (label, group) cell; use a larger probe")
 
-    def _probe_mode(self, model: nn.Module) -> AbstractContextManager:
-        if not self.freeze_bn:
-            return eval_mode(model)
+    def _freeze(self, model: nn.Module) -> None:
+        """``freeze_bn``: keep ``model`` in eval mode for every later forward pass."""
         if self._hooked is not model:
             model.register_forward_pre_hook(_eval_before_forward)
             self._hooked = model
         model.eval()
+
+    def _probe_mode(self, model: nn.Module) -> AbstractContextManager:
+        if not self.freeze_bn:
+            return eval_mode(model)
+        self._freeze(model)
         return nullcontext()
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        if self.freeze_bn:  # the official first probe precedes the first step
+            self._freeze(model)
 
     def _probe(self, model: nn.Module, layer: nn.Linear, d: Any, idx: Tensor
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -5,7 +5,10 @@ The batch keeps each label's share of the real data, S_y = B·N_y/N, and splits 
 groups z with λ_{y,·} (a distribution over the groups of label y, initialised at the natural mix
 N_{y,z}/N_y): n(y,z) = round(λ_{y,z}·S_y). Once per epoch (or every ``update_every`` steps) the
 per-cell training losses L_{y,z} are measured and λ moves by the fixed step ``alpha`` toward the
-worse-off group:
+worse-off group. As in the official code, the update runs at the *start* of every epoch, before
+the batches it shapes, so the first one is made on the untrained model (``timing: end`` updates
+after every epoch instead, which leaves λ one step behind for the whole run); with
+``update_every`` the first update likewise comes before the first step. The targets:
 
 - ``eqopp``: only the positive label, toward the group with the higher loss;
 - ``eqodds``: only the label with the larger loss gap between groups, toward its higher-loss group;
@@ -201,6 +204,9 @@ class FairBatch(GroupSampler):
         update_every: int = Field(0, ge=0, description="steps between updates; 0: every epoch")
         probe: int | None = Field(None, ge=1, description="training samples used for the "
                                   "losses (None: all real training samples)")
+        timing: Literal["start", "end"] = Field(
+            "start", description="start: update λ before each epoch (the first on the untrained "
+            "model), as the official code does; end: after each epoch")
 
     def __init__(self, params: Any, data: Any, batch_size: int, seed: int,
                  ctx: Any = None) -> None:
@@ -209,6 +215,7 @@ class FairBatch(GroupSampler):
         self.lam = self.natural_lambda()
         self.updates = 0
         self.last_step = 0
+        self.started = 0  # the last epoch whose start-of-epoch update was made
 
     def cell_sizes(self) -> dict[tuple[int, int, int], int]:
         sizes = torch.round(self.lam * self.S[:, None]).long()
@@ -272,13 +279,20 @@ class FairBatch(GroupSampler):
         self.updates += 1
         self.record(step, **{"lambda": self.lam.tolist(), "losses": _nan_none(L)})
 
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        if self.timing != "start" or epoch <= self.started:
+            return  # a resumed epoch was updated already
+        self.started = epoch
+        if not self.update_every or self.last_step == 0:
+            self.update(model, self.last_step)
+
     def on_step(self, step: int, model: nn.Module) -> None:
         self.last_step = step
         if self.update_every and step % self.update_every == 0:
             self.update(model, step)
 
     def on_epoch_end(self, ctx: Any) -> None:
-        if not self.update_every:
+        if not self.update_every and self.timing == "end":
             self.update(ctx.model, self.last_step)
 
     # ------------------------------------------------------------------ log and state
@@ -287,13 +301,16 @@ class FairBatch(GroupSampler):
                 "history": [h for h in self.history if h.get("epoch") == self.epoch]}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lambda": self.lam.clone(), "updates": self.updates, **self.base_state()}
+        return {"lambda": self.lam.clone(), "updates": self.updates, "started": self.started,
+                "last_step": self.last_step, **self.base_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
         self.lam = state["lambda"].double().clone()
         self.updates = int(state["updates"])
+        self.started = int(state.get("started", 0))
+        self.last_step = int(state.get("last_step", 0))
         self.load_base_state(state)
 
 
