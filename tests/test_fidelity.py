@@ -216,6 +216,35 @@ def test_cfa_fawa_gate_uses_the_chosen_class_accuracy():
         assert pol.fawa_updates == absorbed
 
 
+@pytest.mark.parametrize("ccm_step", ["fixed", "scaled"])
+def test_the_engine_gives_the_attack_the_policy_step(tmp_path, ccm_step):
+    from robustfair.config import load_config
+    from robustfair.engine.trainer import Trainer, prepare_run_dir
+
+    cfg = load_config(recipe="mnist5k-trades", overrides=[
+        "data.name=digits", "data.val_size=60", "data.train_limit=64", "data.test_limit=20",
+        "model.name=mlp", "model.params={hidden: [8]}", "attack.eps=0.1",
+        "attack.step_size=0.03", "attack.steps=1", "method.policy.name=cfa",
+        "method.policy.fawa=false", f"method.policy.ccm_step={ccm_step}",
+        "logging.progress=false", f"output_dir={tmp_path}"])
+    tr = Trainer(cfg, prepare_run_dir(cfg, force=True), quiet=True)
+    tr.policy.calibrated = True
+    tr.policy.robust = torch.linspace(0.0, 0.9, 10, dtype=torch.float64)
+    seen = {}
+    forward = tr.objective.forward
+
+    def spy(model, x, y, eps, step):
+        seen.update(y=y, eps=eps.flatten(1)[:, 0], step=step.flatten(1)[:, 0])
+        return forward(model, x, y, eps, step)
+
+    tr.objective.forward = spy
+    tr.train_step(torch.arange(16), tr._new_stats())
+    scale = 0.5 + tr.policy.robust[seen["y"]].float()  # λ1 + r_y
+    assert torch.allclose(seen["eps"], 0.1 * scale)
+    want = torch.full_like(scale, 0.03) if ccm_step == "fixed" else 0.03 * scale
+    assert torch.allclose(seen["step"], want)
+
+
 # ------------------------------------------------------------------ 5: WAT
 def test_wat_costs_class_means_and_the_official_divisor(digits):
     total, count = torch.tensor([3.0, 8.0, 1.0]), torch.tensor([3.0, 4.0, 1.0])
