@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from ..config import RunConfig, apply_override, build_config
+from ..engine.protocol import STATE_FILE
 from ..errors import UserError
-from ._common import class_table, setup_logging
+from ._common import class_table, echo_err, setup_logging
 
 log = logging.getLogger("robustfair.eval")
 
-STATE_FILE = "eval_state.json"
 
 
 @click.command("eval")
@@ -39,36 +39,64 @@ STATE_FILE = "eval_state.json"
 @click.option("--data-root", default=None, help="Folder of the dataset files.")
 @click.option("--eps", default=None, help="Budget ε, e.g. 8/255 (default: the run's eval.eps, "
                                           "else its training ε; 8/255 for a file).")
-@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None)
-@click.option("--n", "n", type=int, default=None, help="Use the first N test images.")
-@click.option("--batch-size", type=int, default=None)
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None,
+              help="Threat model: linf (max pixel change) or l2 (Euclidean length of the "
+                   "change); default: the run's eval.norm, else its training norm.")
+@click.option("--n", "n", type=int, default=None,
+              help="Evaluate N test images, a class-stratified subset (each class in "
+                   "proportion to its size, fixed seed), the same in every command; default: "
+                   "all (200 for --checks). The images are recorded in summary.json.")
+@click.option("--batch-size", type=int, default=None,
+              help="Images attacked at once (default: eval.batch_size, 500); smaller uses less "
+                   "memory. Each batch is seeded from (seed, attack, batch number).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: RUN/eval, or STEM-eval beside the file).")
 @click.option("--resume", is_flag=True,
-              help="Continue an interrupted evaluation, keeping the attacks already done.")
+              help="Continue an interrupted evaluation, keeping the attacks already done (the "
+                   "settings and images must be the same).")
 @click.option("--checks", "checks", is_flag=True,
-              help="Run the sanity checks of the evaluation and print a verdict for each.")
-@click.option("--quiet", "-q", is_flag=True)
+              help="Run the sanity checks of the evaluation (gradient masking, randomness), "
+                   "print a verdict for each and save them in OUT/checks.json; exit code 1 "
+                   "when a check fails.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; only the "
+                                                  "result.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def eval_cmd(run_dir: Path | None, attacks: str | None, overrides: tuple[str, ...],
              which: str | None, checkpoint: Path | None, model_name: str | None,
              dataset: str | None, data_root: str | None, eps: str | None, norm: str | None,
              n: int | None, batch_size: int | None, out: Path | None, resume: bool,
              checks: bool, quiet: bool, as_json: bool) -> int:
-    """Evaluate per class under attack (clean, PGD, CW, AutoAttack, ...) and save
-    eval/summary.json; or, with --checks, check that the evaluation can be trusted."""
+    """Evaluate per class under attack (clean, PGD, CW, AutoAttack, ...) and add the result
+    to the run's record: to eval/summary.json when the settings (checkpoint, images, ε, norm,
+    seed) are those of the run's evaluation, else beside it in eval/KEY/summary.json; or, with
+    --checks, check that the evaluation can be trusted.
+
+    Cost on a CPU, 1,000 MNIST images of a small CNN: PGD-20 about half a minute, AutoAttack
+    (standard) tens of minutes; use --n for a quick look."""
     setup_logging(quiet)
     ov = list(overrides) + _shortcuts(eps, norm, n, batch_size, data_root)
     target = _load_target(run_dir, checkpoint, model_name, dataset, ov, which, out)
     if checks:
         return _print_checks(target, quiet, as_json)
-    summary = _evaluate(target, attacks, resume, quiet)
+    summary, saved = _evaluate(target, attacks, resume, quiet)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(render(summary, f"{target.label}: accuracy (%) per class"))
-        click.echo(f"saved: {target.out_dir / 'summary.json'}")
+        click.echo(f"images: {_images_line(summary)}")
+        click.echo(f"saved: {saved}" + ("" if saved is None or saved.parent == target.out_dir
+                                        else f" (beside {target.out_dir / 'summary.json'}, "
+                                             f"which has other settings)"))
     return 0
+
+
+def _images_line(summary: dict[str, Any]) -> str:
+    sub = summary.get("settings", {}).get("subset") or {}
+    if not sub:
+        return f"{summary.get('n')}"
+    return (f"{sub['n']} of {sub['of']} {sub.get('split', '')} images, {sub['rule']}"
+            + (f" (seed {sub['seed']})" if sub.get("seed") is not None else "")
+            + f"; sha256 {sub['sha256'][:12]}")
 
 
 def _shortcuts(eps: str | None, norm: str | None, n: int | None, batch_size: int | None,
@@ -239,53 +267,34 @@ def build_from_state(state: dict[str, torch.Tensor], cfg: RunConfig, data: Any) 
     return model
 
 
-def _has_ensemble(specs: list[str]) -> bool:
-    from ..attacks import ATTACKS, parse_attack_spec
-    from ..attacks.autoattack import AutoAttack
-
-    return any(issubclass(ATTACKS.get(parse_attack_spec(s)[0]), AutoAttack) for s in specs)
-
-
-def _evaluate(target: Target, attacks: str | None, resume: bool, quiet: bool) -> dict[str, Any]:
+def _evaluate(target: Target, attacks: str | None, resume: bool,
+              quiet: bool) -> tuple[dict[str, Any], Path | None]:
     cfg = target.cfg
     if attacks:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(
             update={"attacks": type(cfg.eval).model_validate({"attacks": attacks}).attacks})})
-    if target.run_dir is not None and not resume and not _has_ensemble(cfg.eval.attacks):
-        from ..engine.trainer import run_eval  # the same evaluation as at the end of training
-
-        return run_eval(target.model, target.data, cfg, target.out_dir, None, target.device,
-                        quiet=quiet)
     return evaluate_target(target, cfg, resume, quiet)
 
 
 def evaluate_target(target: Target, cfg: RunConfig, resume: bool = False,
-                    quiet: bool = False) -> dict[str, Any]:
-    """The staged, resumable evaluation (AutoAttack per stage); saves summary + matrix."""
-    from ..engine.staged import evaluate_staged
+                    quiet: bool = False) -> tuple[dict[str, Any], Path | None]:
+    """The evaluation of training's end (one routine, :mod:`robustfair.engine.protocol`):
+    staged, resumable, on the class-stratified subset; added to the record in ``out_dir``.
+    Returns the summary of this evaluation and the ``summary.json`` it was added to."""
+    from ..engine.protocol import evaluate_split
 
-    ev, data = cfg.eval, target.data
-    split = data.split(ev.split)
-    if ev.n is not None and ev.n < len(split):
-        split = split.subset(torch.arange(ev.n))
-    eps = ev.eps if ev.eps is not None else cfg.attack.eps
-    norm = ev.norm or cfg.attack.norm
-    res = evaluate_staged(
-        target.model, split, ev.attacks, eps, norm, data.num_classes, ev.batch_size,
-        ev.step_size, target.device, cfg.seed, state_path=target.out_dir / STATE_FILE,
-        resume=resume, fingerprint={**target.fingerprint, "dataset": cfg.data.name,
-                                    "split": ev.split}, quiet=quiet)
-    res.settings.update({"dataset": cfg.data.name, "split": ev.split, "model": cfg.model.name,
-                         "class_names": data.class_names, "group_names": data.group_names,
-                         **target.fingerprint})
-    return res.save(target.out_dir)
+    res, saved = evaluate_split(target.model, target.data, cfg, target.out_dir,
+                                device=target.device, fingerprint=target.fingerprint,
+                                resume=resume, quiet=quiet)
+    return res.summary(), saved
 
 
 def evaluate_run(run_dir: Path, attacks: str | None = None, overrides: list[str] | None = None,
                  which: str | None = None, quiet: bool = False,
                  resume: bool = False) -> dict[str, Any]:
-    """Evaluate a run with its ``eval`` settings (and ``attacks`` if given); return the summary."""
-    return _evaluate(load_run(run_dir, overrides, which), attacks, resume, quiet)
+    """Evaluate a run with its ``eval`` settings (and ``attacks`` if given); return the summary
+    of this evaluation (the run's record keeps every evaluation, see engine/record.py)."""
+    return _evaluate(load_run(run_dir, overrides, which), attacks, resume, quiet)[0]
 
 
 def render(summary: dict[str, Any], title: str) -> str:
@@ -345,28 +354,44 @@ def confusion_table(matrix: list[list[int]], names: list[str] | None, attack: st
 
 
 def _print_checks(target: Target, quiet: bool, as_json: bool) -> int:
-    from ..engine.checks import run_checks
+    """Run the sanity checks on the class-stratified subset (200 images unless --n), print each
+    verdict as it comes and save them all in ``OUT/checks.json`` (the report shows them)."""
+    from ..engine.checks import CHECKS
+    from ..engine.io import atomic_write_json
+    from ..engine.protocol import eval_eps_norm, package_versions
+    from ..engine.subset import eval_subset
 
-    cfg, data = target.cfg, target.data
-    ev = cfg.eval
-    split = data.split(ev.split)
-    n = min(len(split), ev.n or 200)
-    x = split.images(torch.arange(n)).to(target.device)
-    y = split.y[:n].to(target.device)
-    eps = ev.eps if ev.eps is not None else cfg.attack.eps
-    norm = ev.norm or cfg.attack.norm
-    results = run_checks(target.model, x, y, eps, norm)
-    if as_json:
-        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
-    else:
-        click.echo(f"{target.label}: sanity checks on {n} images, eps {eps:.4g} ({norm})")
-        for r in results:
+    cfg = target.cfg
+    split, subset = eval_subset(target.data.split(cfg.eval.split), cfg.eval.n or 200,
+                                name=cfg.eval.split)
+    x = split.images().to(target.device)
+    y = split.y.to(target.device)
+    eps, norm = eval_eps_norm(cfg)
+    if not as_json:
+        click.echo(f"{target.label}: sanity checks on {len(y)} images, eps {eps:.4g} ({norm})")
+    results = []
+    for name, check in CHECKS.items():
+        if not quiet and not as_json:
+            echo_err(f"running {name} ...")
+        r = check(target.model, x, y, eps, norm, False)
+        results.append(r)
+        if not as_json:
             click.echo(f"{'PASS' if r.passed else 'FAIL'}  {r.name:<19} {r.verdict}")
             if not r.passed:
                 click.echo(f"      fix: {r.fix}")
-        bad = sum(not r.passed for r in results)
+    bad = sum(not r.passed for r in results)
+    record = {"settings": {"eps": eps, "norm": norm, "n": len(y), "subset": subset,
+                           "dataset": cfg.data.name, "seed": cfg.seed,
+                           "versions": package_versions(), **target.fingerprint},
+              "passed": len(results) - bad, "failed": bad,
+              "checks": [r.as_dict() for r in results]}
+    atomic_write_json(target.out_dir / "checks.json", record)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+    else:
         click.echo(f"{len(results) - bad} passed, {bad} failed")
-    return 1 if any(not r.passed for r in results) else 0
+        click.echo(f"saved: {target.out_dir / 'checks.json'}")
+    return 1 if bad else 0
 
 
 command = eval_cmd

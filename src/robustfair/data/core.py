@@ -133,25 +133,33 @@ def stratified_holdout(
         return data, data.subset(torch.zeros(0, dtype=torch.long))
     if n_hold >= n:
         raise UserError(f"data.val_size={size} leaves no training images; use a smaller value")
+    keep_idx, hold_idx = stratified_indices(data.y, n_hold, seed)
+    return data.subset(keep_idx), data.subset(hold_idx)
+
+
+def stratified_indices(labels: Tensor, n_hold: int, seed: int = SPLIT_SEED
+                       ) -> tuple[Tensor, Tensor]:
+    """(kept, held-out) indices, both sorted: ``n_hold`` indices drawn per class in proportion to
+    the class's size (the remainder to the largest classes), each class shuffled with ``seed``."""
+    labels = labels.cpu()
+    n = len(labels)
     g = torch.Generator().manual_seed(seed)
     hold: list[Tensor] = []
     keep: list[Tensor] = []
-    classes = data.y.unique()
+    classes = labels.unique()
     # quota per class proportional to class size, the remainder to the largest classes
-    counts = torch.stack([(data.y == c).sum() for c in classes]).double()
+    counts = torch.stack([(labels == c).sum() for c in classes]).double()
     quota = torch.floor(counts / n * n_hold).long()
     rest = n_hold - int(quota.sum())
     order = torch.argsort(counts, descending=True)
     for i in range(rest):
         quota[order[i % len(order)]] += 1
     for c, q in zip(classes, quota, strict=True):
-        idx = torch.nonzero(data.y == c).flatten()
+        idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         hold.append(idx[:q])
         keep.append(idx[q:])
-    hold_idx = torch.sort(torch.cat(hold)).values
-    keep_idx = torch.sort(torch.cat(keep)).values
-    return data.subset(keep_idx), data.subset(hold_idx)
+    return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(hold)).values
 
 
 def imbalance(

@@ -31,6 +31,7 @@ from ..attacks import Attack, build_attack
 from ..attacks.autoattack import AutoAttack
 from ..attacks.base import eval_mode
 from ..errors import UserError
+from . import distributed
 from .evaluator import EvalResult
 from .io import atomic_write_json
 
@@ -225,7 +226,11 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
     todo = base_c.nonzero().flatten()
     chunks = list(torch.split(todo, batch_size))
     bar = _bar(quiet, stage.row, len(todo), sum(len(c) for c in chunks[:start]))
+    ticker = _IterationTicker(model, bar, len(chunks))
     for b in range(start, len(chunks)):
+        ticker.batch = b
+        if b % distributed.world_size() != distributed.rank():
+            continue  # under torchrun each process attacks every world_size-th batch
         idx = chunks[b]
         x = data.images(idx).to(device)
         y = labels[idx].to(device)
@@ -241,8 +246,15 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
         state.progress(stage.row, b + 1, correct, pred, save_every)
         if bar is not None:
             bar.update(len(idx))
+    ticker.close()
     if bar is not None:
         bar.close()
+    if distributed.active():  # every batch was attacked by one process: sum the shares
+        both = torch.stack([correct[todo].long(), pred[todo]])
+        both *= (torch.arange(len(todo)) // batch_size % distributed.world_size()
+                 == distributed.rank())
+        both = distributed.all_reduce_sum(both.to(device)).cpu()
+        correct[todo], pred[todo] = both[0].bool(), both[1]
     return correct, pred
 
 
@@ -262,3 +274,27 @@ def _bar(quiet: bool, desc: str, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="img", leave=False)
+
+
+class _IterationTicker:
+    """Progress within a batch: counts the model's forward passes (one or a few per attack
+    iteration) and shows them beside the bar, at most every ``every`` seconds."""
+
+    def __init__(self, model: nn.Module, bar: Any, batches: int, every: float = 0.5) -> None:
+        self.bar, self.batches, self.every = bar, batches, every
+        self.batch, self.passes, self.last_batch, self._shown = 0, 0, -1, 0.0
+        self.handle = model.register_forward_hook(self._tick) if bar is not None else None
+
+    def _tick(self, *_: Any) -> None:
+        if self.batch != self.last_batch:
+            self.passes, self.last_batch = 0, self.batch
+        self.passes += 1
+        now = time.monotonic()
+        if now - self._shown >= self.every:
+            self._shown = now
+            self.bar.set_postfix_str(f"batch {self.batch + 1}/{self.batches}, "
+                                     f"{self.passes} model passes", refresh=True)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()

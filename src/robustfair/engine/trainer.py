@@ -32,7 +32,8 @@ from ..samplers import SAMPLERS
 from ..weights import WEIGHTS
 from . import distributed
 from .evaluator import EvalResult, evaluate
-from .io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .io import (atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint,
+                 sha256_file)
 from .schedule import lr_at
 
 log = logging.getLogger("robustfair")
@@ -530,8 +531,10 @@ class Trainer:
         if model is None:
             model = (self.eval_model() if not (self.ema and cfg.train.ema.evaluate) else
                      self.ema.copy_into(self.model))
+        ckpt = self.run_dir / "checkpoints" / "last.pt"
+        fp = {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt)} if ckpt.exists() else None
         return run_eval(model, self.data, cfg, self.run_dir / "eval",
-                        attacks, self.device, quiet=self.quiet or not progress)
+                        attacks, self.device, quiet=self.quiet or not progress, fingerprint=fp)
 
     def policy_eval_model(self) -> nn.Module | None:
         """A copy of the model holding the weights the policy asks evaluation to use (CFA's
@@ -559,27 +562,15 @@ def _tb_write(writer: Any, line: dict[str, Any], step: int) -> None:
 
 def run_eval(model: nn.Module, data: DataBundle, cfg: RunConfig, out_dir: Path,
              attacks: list[str] | None = None, device: torch.device | None = None,
-             quiet: bool = False) -> dict[str, Any]:
-    """Evaluate with ``cfg.eval`` on the test (or validation) split; save summary + matrix."""
-    ev = cfg.eval
-    split = data.split(ev.split)
-    if ev.n is not None and ev.n < len(split):
-        split = stratified_holdout(split, ev.n)[1]
-    eps = ev.eps if ev.eps is not None else cfg.attack.eps
-    norm = ev.norm or cfg.attack.norm
-    bar = None
-    if not quiet:
-        from tqdm.auto import tqdm
+             quiet: bool = False, fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate with ``cfg.eval`` (the routine ``robustfair eval`` uses, see
+    :mod:`robustfair.engine.protocol`); add it to the record in ``out_dir`` as the run's main
+    evaluation; return its summary."""
+    from .protocol import evaluate_split
 
-        bar = tqdm(total=len(split), desc="evaluating", unit="img", leave=False)
-    res = evaluate(model, split, attacks or ev.attacks, eps, norm, data.num_classes,
-                   ev.batch_size, ev.step_size, device=device, seed=cfg.seed,
-                   progress=bar.update if bar is not None else None)
-    if bar is not None:
-        bar.close()
-    res.settings.update({"dataset": cfg.data.name, "split": ev.split, "model": cfg.model.name,
-                         "class_names": data.class_names, "group_names": data.group_names})
-    return res.save(out_dir)
+    res, _ = evaluate_split(model, data, cfg, out_dir, attacks=attacks, device=device,
+                            fingerprint=fingerprint, quiet=quiet, primary=True)
+    return res.summary()
 
 
 def prepare_run_dir(cfg: RunConfig, force: bool = False, resume: bool = False,

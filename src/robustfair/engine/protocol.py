@@ -1,0 +1,78 @@
+"""The one evaluation routine: training's final evaluation, ``robustfair eval``, the leaderboard
+and the Python API all call :func:`evaluate_split`, so one checkpoint and seed give one number.
+
+    split ─► class-stratified subset of eval.n (engine/subset.py) ─► staged attacks, each batch
+    seeded from (seed, attack, batch) (engine/staged.py) ─► EvalResult + settings (images,
+    ε, norm, seed, attacks, versions) ─► the run's record of evaluations (engine/record.py)
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .evaluator import EvalResult
+from .subset import eval_subset
+
+STATE_FILE = "eval_state.json"
+
+
+def package_versions() -> dict[str, str]:
+    """The versions that decide a result: robustfair, torch, Python, and the device kind."""
+    from .. import __version__
+
+    return {"robustfair": __version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def eval_eps_norm(cfg: Any) -> tuple[float, str]:
+    """ε and norm of the evaluation: ``eval.eps``/``eval.norm``, else the training attack's."""
+    ev = cfg.eval
+    return (float(ev.eps if ev.eps is not None else cfg.attack.eps),
+            ev.norm or cfg.attack.norm)
+
+
+def evaluate_split(model: nn.Module, data: Any, cfg: Any, out_dir: Path | None = None, *,
+                   attacks: list[str] | None = None, device: torch.device | None = None,
+                   fingerprint: dict[str, Any] | None = None, resume: bool = False,
+                   quiet: bool = True, primary: bool = False
+                   ) -> tuple[EvalResult, Path | None]:
+    """Evaluate ``model`` on ``cfg.eval``'s split and images of ``data`` (a DataBundle) with
+    ``attacks`` (default ``cfg.eval.attacks``); add the result to the record in ``out_dir``
+    (see :mod:`robustfair.engine.record`) when given. Returns the :class:`EvalResult` and the
+    ``summary.json`` it was added to (None without ``out_dir``)."""
+    from . import distributed
+    from .staged import evaluate_staged
+
+    ev = cfg.eval
+    split, subset = eval_subset(data.split(ev.split), ev.n, name=ev.split)
+    eps, norm = eval_eps_norm(cfg)
+    device = device or next(model.parameters()).device
+    fp = {**(fingerprint or {}), "dataset": cfg.data.name, "split": ev.split,
+          "images": subset["sha256"]}
+    # a distributed evaluation is not resumable: its batches are spread over the processes
+    state = Path(out_dir) / STATE_FILE if out_dir is not None and not distributed.active() \
+        else None
+    res = evaluate_staged(model, split, attacks or ev.attacks, eps, norm, data.num_classes,
+                          ev.batch_size, ev.step_size, device, cfg.seed, state_path=state,
+                          resume=resume, fingerprint=fp, quiet=quiet)
+    res.settings.update({
+        "dataset": cfg.data.name, "split": ev.split, "model": cfg.model.name,
+        "batch_size": ev.batch_size, "step_size": ev.step_size,
+        "class_names": data.class_names, "group_names": data.group_names,
+        "subset": subset, "versions": package_versions(), **(fingerprint or {})})
+    saved = None
+    if out_dir is not None and distributed.rank() == 0:
+        from .record import record_evaluation
+
+        _, folder = record_evaluation(Path(out_dir), res, primary=primary)
+        saved = folder / "summary.json"
+    distributed.barrier()
+    return res, saved
+
+
+__all__ = ["STATE_FILE", "eval_eps_norm", "evaluate_split", "package_versions"]
