@@ -99,9 +99,19 @@ def test_autoattack_per_stage_per_class_and_confusion(run_dir, capsys):
     assert "per-sample worst case" in out
 
 
+def _matrix_of(run_dir, batch_size):
+    """The matrix of the run's evaluation with this batch size (see eval/index.json)."""
+    from robustfair.engine.record import list_evaluations
+
+    hits = [e["summary"] for e in list_evaluations(run_dir / "eval")
+            if e["key"]["batch_size"] == batch_size]
+    assert len(hits) == 1, hits
+    return EvalResult.load((run_dir / "eval" / hits[0]).with_name("summary_matrix.npz"))
+
+
 def test_stop_and_resume_without_repeating_attacks(run_dir, monkeypatch):
     done = evaluate_run(run_dir, "autoattack", EVAL, quiet=True)
-    full = EvalResult.load(run_dir / "eval" / "summary_matrix.npz")
+    full = _matrix_of(run_dir, 25)
     calls = {"n": 0}
     real_fab = fab_mod.FABBase.perturb
 
@@ -128,7 +138,7 @@ def test_stop_and_resume_without_repeating_attacks(run_dir, monkeypatch):
     monkeypatch.setattr(apgd_mod.APGDBase, "perturb", must_not_run)
     monkeypatch.setattr(apgdt_mod.APGDT, "perturb", must_not_run)
     resumed = evaluate_run(run_dir, "autoattack", EVAL, quiet=True, resume=True)
-    again = EvalResult.load(run_dir / "eval" / "summary_matrix.npz")
+    again = _matrix_of(run_dir, 25)
     assert torch.equal(again.correct, full.correct) and torch.equal(again.pred, full.pred)
     assert resumed["attacks"] == done["attacks"]
     assert not (run_dir / "eval" / STATE_FILE).exists()

@@ -199,7 +199,7 @@ def test_eps_curve_starts_at_clean_accuracy_and_is_reused(real_run: Path,
     assert len(curve["per_class"]) == len(FACTORS) and len(curve["per_class"][0]) == 10
     # ε = 0 is clean accuracy on the same test images: cross-check with the saved matrix
     res = EvalResult.load(real_run / "eval" / "summary_matrix.npz")
-    idx = eps_curve_mod.stratified_first(res.labels, 60, 10)
+    idx = torch.tensor(curve["subset"]["indices"])  # the images of eval --n 60
     acc, counts = per_class_accuracy(res.row("clean")[idx], res.labels[idx], 10)
     assert curve["per_class"][0] == pytest.approx(acc.tolist())
     assert curve["counts"] == counts.tolist()

@@ -264,10 +264,9 @@ def analyze_class_distance(run_dir: str | Path, attack: str = "pgd20", n: int | 
     cfg, data, model, device = _load_run(run_dir)
     split = data.split(cfg.eval.split)
     limit = n if n is not None else cfg.eval.n
-    if limit is not None and limit < len(split):
-        from ..data.core import stratified_holdout
+    from ..engine.subset import eval_subset
 
-        _, split = stratified_holdout(split, limit)  # every class keeps its share
+    split, images = eval_subset(split, limit, name=cfg.eval.split)  # as robustfair eval --n
     if len(split) == 0:
         raise UserError(f"the {cfg.eval.split} split of {cfg.data.name!r} is empty; use "
                         f"--set eval.split=val or another dataset")
@@ -278,6 +277,7 @@ def analyze_class_distance(run_dir: str | Path, attack: str = "pgd20", n: int | 
     names = [str(s) for s in (data.class_names or range(data.num_classes))]
     result: dict[str, Any] = {
         "run": str(run_dir), "attack": attack, "eps": eps, "norm": norm, "n": len(split),
+        "subset": images,
         "class_names": names, "similarity": stats["similarity"].tolist(),
         "robust_acc": stats["robust"].tolist(), "clean_acc": stats["clean"].tolist(),
         "variance": stats["variance"].tolist(), "confusion": stats["confusion"].long().tolist(),

