@@ -59,3 +59,27 @@ def trained_mlp(digits):
     torch.manual_seed(0)
     m = build_model("mlp", 1, 10, 8, digits.mean, digits.std, hidden=[64])
     return train_quick(m, digits, epochs=30)
+
+
+def write_cifar10(root, n_train=10, n_test=6):
+    """Tiny random CIFAR-10 files in the standard layout (ROOT/cifar-10-batches-py); returns
+    the test images and labels."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        data = rng.integers(0, 256, (n_train, 3072), dtype=np.uint8)
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"data": data, "labels": [int(v) for v in rng.integers(0, 10, n_train)]},
+                        f)
+    test = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
+    labels = list(range(n_test))
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": test, "labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return test, labels

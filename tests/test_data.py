@@ -14,6 +14,8 @@ from robustfair.data import augment_batch, load_data
 from robustfair.data.core import ArrayData, imbalance, stratified_holdout
 from robustfair.errors import UserError
 
+from conftest import write_cifar10 as _write_cifar10
+
 
 def test_mnist5k_split_is_fixed_and_disjoint():
     a = load_data(DataConfig(name="mnist5k", val_size=0.1))
@@ -60,24 +62,6 @@ def test_augment_crop_flip_keeps_shape_and_content():
     # a crop is a shifted copy: every output pixel is either padding (0) or from the input
     assert torch.isin(out[0].flatten(), torch.cat([x[0].flatten(), torch.zeros(1)])).all()
     assert torch.equal(augment_batch(x, "none"), x)
-
-
-def _write_cifar10(root, n_train=10, n_test=6):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(1, 6):
-        data = rng.integers(0, 256, (n_train, 3072), dtype=np.uint8)
-        with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump({"data": data, "labels": [int(v) for v in rng.integers(0, 10, n_train)]},
-                        f)
-    test = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
-    labels = list(range(n_test))
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump({"data": test, "labels": labels}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
-    return test, labels
 
 
 def test_cifar10_reader(tmp_path):

@@ -34,6 +34,16 @@ log = logging.getLogger("robustfair.eval")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Evaluate a model file instead of a run (RobustBench convention: inputs in "
                    "[0, 1], normalization inside); needs --model and --dataset.")
+@click.option("--robustbench", "zoo_name", default=None, metavar="NAME",
+              help="Evaluate a RobustBench zoo model, e.g. Carmon2019Unlabeled (needs "
+                   "pip install 'robustfair[robustbench]' and its weights in --model-dir); "
+                   "with --dataset and --threat.")
+@click.option("--threat", type=click.Choice(["linf", "l2", "corruptions"]), default="linf",
+              show_default=True, help="Threat model of the --robustbench model (its "
+                                      "leaderboard); also the default --norm.")
+@click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("models"), show_default=True,
+              help="RobustBench's model folder: weights in DIR/DATASET/THREAT/NAME.pt.")
 @click.option("--model", "model_name", default=None, help="Architecture of --checkpoint.")
 @click.option("--dataset", default=None, help="Dataset of --checkpoint (its test split).")
 @click.option("--data-root", default=None, help="Folder of the dataset files.")
@@ -62,7 +72,8 @@ log = logging.getLogger("robustfair.eval")
                                                   "result.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def eval_cmd(run_dir: Path | None, attacks: str | None, overrides: tuple[str, ...],
-             which: str | None, checkpoint: Path | None, model_name: str | None,
+             which: str | None, checkpoint: Path | None, zoo_name: str | None, threat: str,
+             model_dir: Path, model_name: str | None,
              dataset: str | None, data_root: str | None, eps: str | None, norm: str | None,
              n: int | None, batch_size: int | None, out: Path | None, resume: bool,
              checks: bool, quiet: bool, as_json: bool) -> int:
@@ -75,7 +86,12 @@ def eval_cmd(run_dir: Path | None, attacks: str | None, overrides: tuple[str, ..
     (standard) tens of minutes; use --n for a quick look."""
     setup_logging(quiet)
     ov = list(overrides) + _shortcuts(eps, norm, n, batch_size, data_root)
-    target = _load_target(run_dir, checkpoint, model_name, dataset, ov, which, out)
+    if zoo_name is not None:
+        if run_dir is not None or checkpoint is not None:
+            raise UserError("give one of RUN_DIR, --checkpoint and --robustbench")
+        target = load_zoo_target(zoo_name, dataset, threat, model_dir, ov, out)
+    else:
+        target = _load_target(run_dir, checkpoint, model_name, dataset, ov, which, out)
     if checks:
         return _print_checks(target, quiet, as_json)
     summary, saved = _evaluate(target, attacks, resume, quiet)
@@ -206,30 +222,39 @@ def load_model_file(path: Path, model_name: str, dataset: str, overrides: list[s
                   None, {"checkpoint": str(path), "sha256": sha256_file(path)})
 
 
-_PREFIXES = ("module.", "model.")
+def load_zoo_target(name: str, dataset: str | None, threat: str, model_dir: Path,
+                    overrides: list[str] | None = None, out: Path | None = None) -> Target:
+    """A RobustBench zoo model (see :mod:`robustfair.models.zoo`) on ``dataset``'s test split,
+    at the leaderboard's ε and norm unless ``--eps``/``--norm`` say otherwise."""
+    from ..data import load_data
+    from ..engine.io import sha256_file
+    from ..engine.trainer import resolve_device
+    from ..models.zoo import DEFAULT_EPS, load_zoo_model
+
+    if not dataset:
+        raise UserError("--robustbench needs --dataset (cifar10, cifar100 or imagenet)")
+    raw: dict[str, Any] = {"name": name, "data": {"name": dataset},
+                           "eval": {"eps": DEFAULT_EPS.get(threat, 0.0),
+                                    "norm": threat if threat in DEFAULT_EPS else "linf"}}
+    for ov in overrides or []:
+        apply_override(raw, ov)
+    cfg = build_config(raw)
+    model, path = load_zoo_model(name, dataset, threat, model_dir)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg.data)
+    return Target(cfg, data, model.to(device), device, out or Path(f"{name}-eval"), name, None,
+                  {"checkpoint": str(path), "sha256": sha256_file(path),
+                   "model": f"robustbench:{name}", "threat": threat})
+
+
 _NORM_KEYS = (("mu", "sigma"), ("mean", "std"))
 
 
 def model_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of a model file: ``{'state_dict': …}``, a robustfair checkpoint's ``model``,
-    or the plain dict; ``module.``/``model.`` prefixes removed."""
-    if obj.get("format") == "robustfair-checkpoint" and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj.get("model"), dict) and not any(
-            isinstance(v, torch.Tensor) for v in obj.values()):
-        obj = obj["model"]
-    out: dict[str, torch.Tensor] = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        while k.startswith(_PREFIXES):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    if not out:
-        raise UserError("the file holds no tensors; give a state dict of the model")
-    return out
+    """The tensors of a model file (see :func:`robustfair.models.loading.state_dict_of`)."""
+    from ..models.loading import state_dict_of
+
+    return state_dict_of(obj)
 
 
 def build_from_state(state: dict[str, torch.Tensor], cfg: RunConfig, data: Any) -> nn.Module:
@@ -252,18 +277,10 @@ def build_from_state(state: dict[str, torch.Tensor], cfg: RunConfig, data: Any) 
     model = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size,
                         mean, std, **cfg.model.params)
     target = model.net if net_only else model
-    fix = "check --model and --set model.params.KEY=VALUE"
-    try:
-        result = target.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes differ
-        detail = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-        raise UserError(f"the weights do not fit model {cfg.model.name!r} ({detail[:160]}); "
-                        f"{fix}") from None
-    if result.missing_keys or result.unexpected_keys:
-        miss = ", ".join(result.missing_keys[:3]) or "none"
-        extra = ", ".join(result.unexpected_keys[:3]) or "none"
-        raise UserError(f"the weights do not fit model {cfg.model.name!r} (missing: {miss}; "
-                        f"unexpected: {extra}); {fix}")
+    from ..models.loading import load_strict
+
+    load_strict(target, state, f"model {cfg.model.name!r}",
+                "check --model and --set model.params.KEY=VALUE")
     return model
 
 
