@@ -36,6 +36,8 @@ from ._common import echo_err, setup_logging
               default=Path("models"), show_default=True,
               help="RobustBench's model folder (weights in DIR/DATASET/THREAT/NAME.pt).")
 @click.option("--data-root", default=None, help="Folder of the dataset files.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Setting of the model files, e.g. --set model.params.width=2.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("leaderboard"), show_default=True,
               help="Folder for leaderboard.md, .csv, .html and .json, and each model's "
@@ -43,8 +45,8 @@ from ._common import echo_err, setup_logging
 @click.option("--quiet", "-q", is_flag=True, help="No progress; only the table.")
 def command(models: tuple[str, ...], dataset: str, attack: str, eps: str | None, norm: str,
             n: int | None, seed: int, batch_size: int, baseline: str | None,
-            model_name: str | None, model_dir: Path, data_root: str | None, out: Path,
-            quiet: bool) -> None:
+            model_name: str | None, model_dir: Path, data_root: str | None,
+            overrides: tuple[str, ...], out: Path, quiet: bool) -> None:
     """Evaluate MODELS on the same images and write a per-class leaderboard.
 
     A MODEL is a run directory, robustbench:NAME (a RobustBench zoo model; needs the
@@ -62,10 +64,10 @@ def command(models: tuple[str, ...], dataset: str, attack: str, eps: str | None,
         if baseline not in models and baseline not in labels:
             raise UserError(f"--baseline {baseline!r} is not among the models given")
         base = list(models).index(baseline) if baseline in models else labels.index(baseline)
-    overrides = [f"data.name={dataset}"] + ([f"data.root={data_root}"] if data_root else [])
+    ov = ([f"data.root={data_root}"] if data_root else []) + list(overrides)
     entries, names = [], []
     for spec, label in zip(models, labels, strict=True):
-        target, source = _target(spec, dataset, norm, model_name, model_dir, overrides)
+        target, source = _target(spec, dataset, norm, model_name, model_dir, ov)
         if not quiet:
             echo_err(f"== {label}")
         data = target.data
@@ -109,7 +111,7 @@ def _target(spec: str, dataset: str, norm: str, model_name: str | None, model_di
 
     if spec.startswith(("robustbench:", "rb:")):
         name = spec.split(":", 1)[1]
-        t = load_zoo_target(name, dataset, norm, model_dir, overrides[1:])
+        t = load_zoo_target(name, dataset, norm, model_dir, overrides)
         return t, {"source": "robustbench", "name": name, "threat": norm,
                    "sha256": t.fingerprint["sha256"]}
     path = Path(spec)
@@ -122,7 +124,7 @@ def _target(spec: str, dataset: str, norm: str, model_name: str | None, model_di
     if path.is_file():
         if not model_name:
             raise UserError(f"{spec!r} is a model file: give its architecture with --model NAME")
-        t = load_model_file(path, model_name, dataset, overrides[1:])
+        t = load_model_file(path, model_name, dataset, overrides)
         return t, {"source": "file", "file": spec, "architecture": model_name,
                    "sha256": t.fingerprint["sha256"]}
     raise UserError(f"model {spec!r} not found: give a run directory, robustbench:NAME or a "
