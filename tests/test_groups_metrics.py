@@ -96,3 +96,27 @@ def test_every_summary_with_groups_has_the_group_block_clean_and_attacked() -> N
     # a summary of data without groups has no block
     res2 = EvalResult(["clean"], correct[:1], pred[None], y, 2, None, {})
     assert "groups" not in res2.summary()
+
+
+def test_multiclass_differences_by_hand_and_named_so() -> None:
+    # 3 classes, 2 groups. P(ŷ=c|z): c=0 1/3 vs 2/3, c=1 2/3 vs 0, c=2 0 vs 1/3 -> DP 2/3 (c=1)
+    # TPR: c=0 1 vs 1, c=1 1 vs 0, c=2 0 vs 1 -> EqOpp 1; FPR: c=0 0 vs 1/2, c=1 1/2 vs 0, c=2 0
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    pred = torch.tensor([0, 1, 1, 0, 0, 2])
+    z = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert demographic_parity_difference(pred, z, 3) == pytest.approx(2 / 3)
+    assert equal_opportunity_difference(y, pred, z, 3) == pytest.approx(1.0)
+    assert equalized_odds_difference(y, pred, z, 3) == pytest.approx(1.0)
+    from robustfair.engine.evaluator import EvalResult
+    from robustfair.metrics.groups import group_table
+
+    res = EvalResult(["clean"], (pred == y)[None], pred[None], y, 3, z)
+    summary = res.summary()
+    assert "one-vs-rest" in summary["groups"]["differences"]
+    table = group_table(summary)
+    assert "maximum over classes of the one-vs-rest" in table.splitlines()[0]
+    assert any(line.startswith("DP max-OvR diff") and "66.7" in line
+               for line in table.splitlines())
+    binary = EvalResult(["clean"], (pred.clamp(max=1) == y.clamp(max=1))[None],
+                        pred.clamp(max=1)[None], y.clamp(max=1), 2, z).summary()
+    assert "fairlearn definitions" in group_table(binary).splitlines()[0]

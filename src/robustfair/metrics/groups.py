@@ -28,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "demographic_parity_difference",
+    "difference_definition",
     "equal_opportunity_difference",
     "equalized_odds_difference",
     "group_accuracy",
@@ -194,6 +195,7 @@ def group_summary_hook(result: Any, summary: dict[str, Any]) -> None:
         "names": names or [str(i) for i in range(g_n)],
         "counts": counts.tolist(),
         "label_group_counts": cell.tolist(),
+        "differences": difference_definition(result.num_classes),
         "attacks": {},
     }
     for i, a in enumerate(result.attacks):
@@ -204,6 +206,15 @@ def group_summary_hook(result: Any, summary: dict[str, Any]) -> None:
         block["worst_case"] = group_metrics(result.correct[adv].all(0), None, result.labels,
                                             groups, result.num_classes, g_n)
     summary["groups"] = block
+
+
+def difference_definition(num_classes: int) -> str:
+    """How the DP / EqOdds / EqOpp differences are defined for ``num_classes`` labels, in the
+    words every table and report uses."""
+    if num_classes <= 2:
+        return "fairlearn definitions, positive label 1"
+    return ("the maximum over classes of the one-vs-rest differences (fairlearn defines them "
+            "for binary labels only)")
 
 
 def _pct(v: Any) -> str:
@@ -226,8 +237,10 @@ def group_table(summary: dict[str, Any]) -> str:
     class_names = summary.get("settings", {}).get("class_names") or [
         str(i) for i in range(summary.get("num_classes", 0))]
     w = max(8, *(len(c) + 1 for c in cols))
-    nw = max(18, *(len(str(n)) + 1 for n in names))
-    lines = ["group accuracy (%) and fairness differences (%, fairlearn definitions)",
+    nw = max(20, *(len(str(n)) + 1 for n in names))
+    multi = summary.get("num_classes", 2) > 2
+    lines = [f"group accuracy (%) and fairness differences (%; "
+             f"{difference_definition(summary.get('num_classes', 2))})",
              f"{'group':<{nw}} {'count':>6} " + " ".join(f"{c:>{w}}" for c in cols)]
     for k, name in enumerate(names):
         lines.append(f"{str(name):<{nw}} {block['counts'][k]:>6} " + " ".join(
@@ -236,6 +249,9 @@ def group_table(summary: dict[str, Any]) -> str:
     rows = [("worst group", "worst_group"), ("worst (y,z) cell", "worst_label_group"),
             ("DP difference", "dp_diff"), ("EqOdds difference", "eqodds_diff"),
             ("EqOpp difference", "eopp_diff"), ("ED (pairwise)", "ed_pairwise")]
+    if multi:  # one-vs-rest maxima: say so in the row label too
+        rows = [(f"{lbl[:-11]} max-OvR diff" if lbl.endswith(" difference") else lbl, key)
+                for lbl, key in rows]
     for label, key in rows:
         lines.append(f"{label:<{nw}} {'':>6} " + " ".join(
             f"{_pct(data[c].get(key)):>{w}}" for c in cols))

@@ -470,8 +470,11 @@ def _summary_groups(block: dict[str, Any], ctx: _Ctx) -> str:
             rows.append([label] + pad + [Num(v[key], src + p + pointer(key), "pct")
                                          if key in v else "" for v, p in cols.values()])
     head = ["group"] + (["count"] if pad else []) + list(cols)
-    body += table(head, rows, caption="accuracy (%) per group and fairness differences (%, "
-                  "fairlearn definitions) under each attack")
+    from ..metrics.groups import difference_definition
+
+    defs = block.get("differences") or difference_definition(ctx.rf.num_classes())
+    body += table(head, rows, caption=f"accuracy (%) per group and fairness differences (%; "
+                  f"DP, EqOdds, EqOpp: {defs}) under each attack")
     return body + _label_group_table(cols, names, ctx)
 
 
