@@ -202,3 +202,19 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "digits-eval" / "summary.json").exists()
     assert (tmp_path / "runs" / "api-demo" / "eval" / "summary.json").exists()
+
+
+def test_report_and_compare_say_which_evaluation_they_use(run, capsys):
+    path, _ = run
+    code, _, _ = cli(["eval", str(path), "--attack", "fgsm", "--n", "50", "-q"], capsys)
+    assert code == 0
+    from robustfair.report import run_report
+    from robustfair.report.loading import load_run as load_files
+
+    text = run_report._which_evaluation(run_report._Ctx(load_files(path),
+                                                        run_report.ReportOptions()))
+    assert text.startswith("Shown: eval/summary.json: eps 0.1 (linf), 100 of 360 test images")
+    assert "Other evaluations" in text and "-n50-" in text
+    from robustfair.report.compare import caption, compare_runs
+
+    assert "eval/summary.json" in caption(compare_runs([path]))

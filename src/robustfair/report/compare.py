@@ -241,7 +241,8 @@ def caption(comp: Comparison) -> str:
     return (f"Accuracy (%) on the evaluation split, mean ± std (ddof 0) over the seeds of each "
             f"row; robust = {comp.attack}"
             + (" (per-sample worst case over the attacks)" if comp.attack == "worst_case" else "")
-            + f"; ρ against {comp.baseline.label}, from the rows' means.")
+            + f"; ρ against {comp.baseline.label}, from the rows' means; each run's "
+            f"main evaluation (eval/summary.json; others in eval/index.json are not used).")
 
 
 def to_markdown(comp: Comparison) -> str:

@@ -237,7 +237,7 @@ def _per_class(ctx: _Ctx) -> str:
     cols = {a: (s["attacks"][a], pointer("attacks", a)) for a in s["attacks"]}
     if "worst_case" in s:
         cols["worst-case"] = (s["worst_case"], pointer("worst_case"))
-    body = _class_table(ctx.names, cols)
+    body = para(_which_evaluation(ctx), "note") + _class_table(ctx.names, cols)
     if "worst_case" in s:
         over = ", ".join(s["worst_case"].get("over", []))
         body += para(f"worst-case: the per-sample worst case over the ensemble ({over}); a "
@@ -252,6 +252,20 @@ def _per_class(ctx: _Ctx) -> str:
         fig = figures.class_bars(ctx.names, base, col["per_class"], name, col.get("worst_class"))
         images.append(image(figures.to_base64(fig), f"per-class accuracy under {name}"))
     return body + figure_grid(images)
+
+
+def _which_evaluation(ctx: _Ctx) -> str:
+    """Which of the run's evaluations the report shows (eval/summary.json) and which others
+    exist (eval/index.json)."""
+    from ..engine.record import describe_evaluation, list_evaluations
+
+    text = "Shown: " + describe_evaluation((ctx.rf.summary or {}).get("settings", {}))
+    others = [e["summary"] for e in list_evaluations(ctx.rf.run_dir / "eval")
+              if e["summary"] != "summary.json"]
+    if others:
+        text += (f". Other evaluations of this run (other settings), not shown: "
+                 f"{', '.join('eval/' + o for o in others)}")
+    return text + "."
 
 
 def _class_table(names: list[str], cols: dict[str, tuple[dict[str, Any], str]]) -> str:
