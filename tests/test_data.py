@@ -8,13 +8,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import write_cifar10 as _write_cifar10
 
 from robustfair.config import DataConfig
 from robustfair.data import augment_batch, load_data
 from robustfair.data.core import ArrayData, imbalance, stratified_holdout
 from robustfair.errors import UserError
-
-from conftest import write_cifar10 as _write_cifar10
 
 
 def test_mnist5k_split_is_fixed_and_disjoint():

@@ -1,8 +1,8 @@
 """Robust accuracy against the perturbation radius ε, per class.
 
 A handful of attacks (PGD by default) at radii ``factor · ε`` on a class-stratified subset of
-the evaluation split (the same images as ``robustfair eval --n``). The curve shows how fast each class loses accuracy as ε grows; a class
-whose accuracy does not fall towards zero for large ε hints at gradient masking (Athalye et al.,
+the evaluation split (the same images as ``robustfair eval --n``). The curve shows how fast each
+class loses accuracy as ε grows; a class whose accuracy does not fall towards zero for large ε hints at gradient masking (Athalye et al.,
 "Obfuscated Gradients Give a False Sense of Security", ICML 2018, arXiv 1802.00420, §3.1).
 The result is saved as ``eval/eps_curve.json`` and reused while the checkpoint is unchanged.
 """
