@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from robustfair.config import load_config
-from robustfair.engine import trainer as trainer_mod
 from robustfair.engine.awp import AWP
 from robustfair.engine.trainer import EMA, Trainer, prepare_run_dir
 from robustfair.models import build_model
@@ -164,14 +163,16 @@ def test_ema_update_is_the_exponential_average():
 
 
 def test_evaluation_uses_the_averaged_weights_when_asked(tmp_path, monkeypatch):
+    from robustfair.engine import protocol
+
     seen = []
-    real = trainer_mod.run_eval
+    real = protocol.evaluate_split  # the one routine of training's end and of `eval`
 
     def capture(model, *a, **k):
         seen.append(copy.deepcopy(model.state_dict()))
         return real(model, *a, **k)
 
-    monkeypatch.setattr(trainer_mod, "run_eval", capture)
+    monkeypatch.setattr(protocol, "evaluate_split", capture)
     for evaluate in (True, False):
         cfg = tiny_cfg(tmp_path, f"name=ema{evaluate}", "train.epochs=1",
                        "train.ema.enabled=true", "train.ema.decay=0.9",
