@@ -38,7 +38,7 @@ log = logging.getLogger("robustfair.eval")
               help="Evaluate a RobustBench zoo model, e.g. Carmon2019Unlabeled (needs "
                    "pip install 'robustfair[robustbench]' and its weights in --model-dir); "
                    "with --dataset and --threat.")
-@click.option("--threat", type=click.Choice(["linf", "l2", "corruptions"]), default="linf",
+@click.option("--threat", type=click.Choice(["linf", "l2"]), default="linf",
               show_default=True, help="Threat model of the --robustbench model (its "
                                       "leaderboard); also the default --norm.")
 @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -48,7 +48,9 @@ log = logging.getLogger("robustfair.eval")
 @click.option("--dataset", default=None, help="Dataset of --checkpoint (its test split).")
 @click.option("--data-root", default=None, help="Folder of the dataset files.")
 @click.option("--eps", default=None, help="Budget ε, e.g. 8/255 (default: the run's eval.eps, "
-                                          "else its training ε; 8/255 for a file).")
+                                          "else its training ε; 8/255 for a file; "
+                                          "RobustBench's 8/255 (linf) or 0.5 (l2) for "
+                                          "--robustbench).")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default=None,
               help="Threat model: linf (max pixel change) or l2 (Euclidean length of the "
                    "change); default: the run's eval.norm, else its training norm.")

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import UserError
 
-THREATS = {"linf": "Linf", "l2": "L2", "corruptions": "corruptions"}
+THREATS = {"linf": "Linf", "l2": "L2"}
 #: the RobustBench leaderboards' budgets
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}
 INSTALL = "pip install 'robustfair[robustbench]'"
