@@ -72,3 +72,24 @@ def test_dafa_class_weights_equal_under_two_processes(tmp_path):
     wb = load_checkpoint(two / "checkpoints" / "last.pt")["policy"]["weights"]
     assert not torch.allclose(wa, torch.ones_like(wa))  # DAFA did move the weights
     assert torch.allclose(wa, wb, atol=1e-6)
+
+
+BN = {"model": {"name": "resnet18", "params": {"width": 4}},
+      "method": {"objective": {"name": "standard"}},
+      "train": {"epochs": 1, "batch_size": 64, "optimizer": {"lr": 0.01, "momentum": 0.0}},
+      "validation": {"every": 0}, "eval": {"attacks": ["clean"], "n": 50}}
+
+
+@pytest.mark.timeout(900)
+def test_sync_batchnorm_two_processes_equal_one(tmp_path):
+    """train.sync_bn: BatchNorm statistics over the global batch, so 2 processes (gloo) give the
+    weights and BN buffers of 1 process; without it each process normalises its half-batch."""
+    one = _run(tmp_path, "bn1", 1, {**BN, "data": {"name": "digits", "train_limit": 256}})
+    extra = {**BN, "data": {"name": "digits", "train_limit": 256},
+             "train": {**BN["train"], "sync_bn": True}}
+    two = _run(tmp_path, "bn2", 2, extra)
+    a = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(two / "checkpoints" / "last.pt")["model"]
+    assert any("running_var" in k for k in a) and a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4), k

@@ -144,7 +144,8 @@ class TrainConfig(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the model (CPU or GPU)")
+    sync_bn: bool = Field(False, description="under DDP, BatchNorm statistics over all processes")
     ema: EMAConfig = Field(default_factory=EMAConfig)
     awp: AWPConfig = Field(default_factory=AWPConfig)
     checkpoint_every_steps: int = Field(0, ge=0, description="0: only at epoch ends")

@@ -7,10 +7,11 @@ process with the same global batch computes. Helpers here are no-ops in a single
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -68,3 +69,79 @@ def barrier() -> None:
 def shard(idx: Tensor) -> Tensor:
     """This process's share of a global batch of indices."""
     return idx[rank() :: world_size()] if active() else idx
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """Sum over processes whose backward pass sums the gradients over processes too."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:  # noqa: ANN401
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: ANN401
+        out = grad.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics are taken over the whole global batch, for CPU
+    processes (gloo), where ``torch.nn.SyncBatchNorm`` does not run. The per-channel sums, sums of
+    squares and counts are summed over processes by a differentiable all-reduce, so the backward
+    pass also spans every process, as in one process with the global batch. Parameter and buffer
+    names are those of ``BatchNorm``: checkpoints load in either."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of 2 or more dimensions (got {x.dim()})")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and active()):
+            return super().forward(x)
+        c = x.size(1)
+        dims = [0] + list(range(2, x.dim()))
+        n_local = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
+        total = _SumOverProcesses.apply(torch.cat([x.sum(dims), (x * x).sum(dims), n_local]))
+        n = total[-1]
+        mean = total[:c] / n
+        var = (total[c : 2 * c] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1  # type: ignore[operator]
+                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                     else self.momentum)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                unbiased = var.detach() * (n / (n - 1).clamp_min(1))
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)  # type: ignore[union-attr]
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm layer of ``model`` synchronised across processes: ``torch.nn.SyncBatchNorm``
+    on GPUs, :class:`CPUSyncBatchNorm` on CPU (gloo). Weights and buffers are kept."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if not on_cpu:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _convert_cpu(model)
+
+
+def _convert_cpu(module: nn.Module) -> nn.Module:
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+            module, CPUSyncBatchNorm):
+        out = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        out.load_state_dict(module.state_dict())
+        out.train(module.training)
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+    for name, child in module.named_children():
+        out.add_module(name, _convert_cpu(child))
+    return out

@@ -137,6 +137,8 @@ class Trainer:
         )
         torch.manual_seed(cfg.seed)
         self.model = self.build_model(cfg.model.name, **cfg.model.params).to(self.device)
+        if cfg.train.sync_bn and self.world > 1:
+            self.model = distributed.convert_sync_batchnorm(self.model)
         m = cfg.method
         self.objective = OBJECTIVES.build(m.objective, ctx=self.ctx).to(self.device)
         self.budget = BUDGETS.build(m.budget, ctx=self.ctx)
@@ -146,7 +148,7 @@ class Trainer:
         self.train_data = d.train.to(self.device) if on_device else d.train
         self.sampler = SAMPLERS.build(m.sampler, data=self.train_data,
                                       batch_size=cfg.train.batch_size, seed=cfg.seed, ctx=self.ctx)
-        if cfg.train.channels_last and self.device.type == "cuda":
+        if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         params = list(self.model.parameters()) + list(self.objective.parameters())
         self.optimizer = make_optimizer(cfg.train, params)
@@ -287,13 +289,13 @@ class Trainer:
         y = d.y[idx_d].to(self.device, non_blocking=True)
         g = torch.Generator().manual_seed(step_seed(self.cfg.seed, self.global_step) + 1)
         x = augment_batch(x, self.data.augment, g)
-        if self.cfg.train.channels_last and self.device.type == "cuda":
+        if self.cfg.train.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y, idx_d
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.train.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.cfg.train.precision == "bf16":  # CUDA, or CPU autocast
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def train_step(self, idx: Tensor, stats: dict[str, Tensor]) -> Tensor:
