@@ -28,7 +28,6 @@ import logging
 import math
 import shutil
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -235,10 +234,6 @@ def run_job(cfg_raw: dict[str, Any], job: Job, cells_dir: str) -> list[dict[str,
     return records
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-
-
 def load_done(cfg: DisparityStudyConfig, cells_dir: Path) -> dict[str, dict[str, Any]]:
     """Cached cells whose fingerprint matches the current settings."""
     done: dict[str, dict[str, Any]] = {}
@@ -272,27 +267,16 @@ def plan_jobs(cfg: DisparityStudyConfig, done: dict[str, Any]) -> list[Job]:
 
 def _execute(cfg: DisparityStudyConfig, jobs: list[Job], cells_dir: Path, workers: int,
              progress: Any) -> Iterable[dict[str, Any]]:
-    raw = cfg.model_dump()
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            recs = run_job(raw, job, str(cells_dir))
-            progress.update(len(recs))
-            yield from recs
-        return
-    import multiprocessing as mp
+    from ..sweep.runner import run_jobs
 
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                               mp_context=mp.get_context("spawn"), initializer=_worker_init)
-    try:
-        pending = {pool.submit(run_job, raw, job, str(cells_dir)) for job in jobs}
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                recs = fut.result()
-                progress.update(len(recs))
-                yield from recs
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # jobs not started are dropped
+    payloads = [(cfg.model_dump(), job, str(cells_dir)) for job in jobs]
+    for _, recs in run_jobs(_run_job_payload, payloads, workers=workers):
+        progress.update(len(recs))
+        yield from recs
+
+
+def _run_job_payload(payload: tuple[dict[str, Any], Job, str]) -> list[dict[str, Any]]:
+    return run_job(*payload)
 
 
 def run_disparity_study(cfg: DisparityStudyConfig, out_dir: str | Path, workers: int = 2,
