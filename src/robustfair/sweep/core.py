@@ -184,6 +184,10 @@ def _compare(spec: SweepSpec, result: SweepResult) -> None:
     if len(done) < len(result.planned):
         result.notes.append(f"{len(result.planned) - len(done)} trial(s) failed; the table "
                             f"shows the {len(done)} finished runs")
-    comp = compare_runs([p.run_dir for p in done], base, spec.compare.attack, "config")
+    try:
+        comp = compare_runs([p.run_dir for p in done], base, spec.compare.attack, "config")
+    except UserError as exc:  # e.g. clean accuracy only: there is no robust table to write
+        result.notes.append(f"no comparison table: {exc}")
+        return
     result.comparison = comp
     result.compare = write_outputs(comp, result.out_dir / "compare")
