@@ -56,7 +56,6 @@ class RecipeEntry(_Strict):
 class CompareSpec(_Strict):
     attack: str | None = Field(None, description="robust attack of the table (default: strongest)")
     baseline: str | None = Field(None, description="label of the baseline row (default: first)")
-    paired: bool = Field(True, description="paired intervals against the baseline, where available")
 
 
 class SweepSpec(_Strict):
