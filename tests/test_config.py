@@ -52,7 +52,8 @@ def test_overrides_and_fractions():
         "train.epochs=3", "attack.eps=8/255", "method.objective.beta=3", "eval.attacks=clean,pgd5"])
     assert cfg.train.epochs == 3
     assert abs(cfg.attack.eps - 8 / 255) < 1e-12
-    assert cfg.method.objective == {"name": "trades", "beta": 3.0}
+    # the resolved config records the objective's attack start (official: raw x + 0.001·N)
+    assert cfg.method.objective == {"name": "trades", "beta": 3.0, "start": "normal"}
     assert cfg.eval.attacks == ["clean", "pgd5"]
     # changing a part's name drops the old part's parameters
     cfg = load_config(recipe="mnist5k-trades", overrides=["method.objective.name=pgd_at"])
