@@ -197,7 +197,7 @@ CHAIN = {
     "validation": {"every": 0},
     "eval": {"attacks": ["clean", "pgd20"], "batch_size": 5000},
 }
-CHAIN_SMOKE = {"data.params": {"n_train": 60, "n_val": 20, "n_test": 100},
+CHAIN_SMOKE = {"data.params": {"n_train": 40, "n_val": 10, "n_test": 40},
                "train.epochs": 2, "train.schedule.milestones": [2]}
 
 
@@ -258,8 +258,8 @@ EFFECTS: dict[str, Effect] = {
         [Comparison("AT → PART", {}, {"method.budget": {
             "name": "pixel", "eps_low": 0.05, "cam": "gradcam", "mask": "jet", "warmup": 2,
             "mask_source": "current"}}, [CLEAN_UP, ROB_SAME])],
-        {"data.params": {"n_train": 30, "n_val": 10, "n_test": 50}, "train.epochs": 2,
-         "train.schedule.milestones": [2], "method.budget.warmup": 1},
+        {"data.params": {"n_train": 16, "n_val": 4, "n_test": 10}, "train.epochs": 2,
+         "train.batch_size": 32, "train.schedule.milestones": [2], "method.budget.warmup": 1},
         [("at-mnist5k-part", "part-mnist5k", [CLEAN_UP, ROB_SAME])]),
     "drfairness": Effect(
         "Dr-Fairness (TMLR 2023): lower equalized-odds difference than sampling real and "
@@ -286,7 +286,7 @@ EFFECTS: dict[str, Effect] = {
              "method.sampler": {"name": "drfairness", "fairness": "eqodds", "k": 20.0,
                                 "lr": 0.02, "probe": 128}, "data.params.quality": 0.2},
             [Claim("mu_mean", "up", "share of real data μ up")])],
-        {"data.params": {"n_train": 200, "n_val": 200, "n_test": 400, "per_cell": 60},
+        {"data.params": {"n_train": 200, "n_val": 200, "n_test": 100, "per_cell": 60},
          "train.epochs": 1},
         [("mnist5k-groups-uniform", "mnist5k-groups-drfairness",
           [Claim("eqodds", "down", "equalized-odds difference down")])]),
@@ -340,8 +340,10 @@ def train_and_evaluate(cfg: RunConfig) -> dict[str, float]:
     if groups:
         out |= {"eqodds": groups["eqodds_diff"], "worst_cell": groups["worst_label_group"]}
     mu = getattr(tr.sampler, "mu", None)
-    if mu is not None:
+    if mu is not None:  # Dr-Fairness: mean real share μ, and λ of each label's minority group
         out["mu_mean"] = float(mu.mean())
+        minority = tr.sampler.real_counts.argmin(1)
+        out["lam_minority"] = float(tr.sampler.lam.gather(1, minority[:, None]).mean())
     return out
 
 
@@ -368,6 +370,7 @@ def run_effect(name: str, seeds: list[int], smoke: bool = False, real: bool = Fa
     """Run one method's benchmark; return the JSON-ready result."""
     _register()
     eff = EFFECTS[name]
+    prov = provenance()  # the code as it is when the runs start
     t0 = time.perf_counter()
     cache: dict[str, dict[str, float]] = {}
     rows: list[dict[str, Any]] = []
@@ -391,7 +394,7 @@ def run_effect(name: str, seeds: list[int], smoke: bool = False, real: bool = Fa
         rows += claim_rows(label, arms["base"], arms["method"], claims)
     return {"method": name, "setting": "mnist5k" if real else f"synthetic:{eff.design}",
             "paper_claim": eff.paper_claim, "seeds": seeds, "smoke": smoke, "rows": rows,
-            "runs": runs, "wall_s": time.perf_counter() - t0, "provenance": provenance()}
+            "runs": runs, "wall_s": time.perf_counter() - t0, "provenance": prov}
 
 
 def _arm_config(eff: Effect, arm: tuple[str, Any], seed: int, smoke: bool) -> RunConfig:

@@ -25,16 +25,26 @@ from ._common import setup_logging
               show_default=True, help="Folder for compare.md, compare.csv (accuracies as "
                                       "fractions), compare.html and avg_vs_worst.png.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the table.")
+@click.option("--paired", is_flag=True,
+              help="Also print and save (paired.md, paired.json) the per-seed differences "
+                   "against the baseline with 95% t-intervals (runs paired by seed).")
 def command(run_dirs: tuple[Path, ...], baseline: Path | None, attack: str | None,
-            group_by: str, out: Path, quiet: bool) -> None:
+            group_by: str, out: Path, quiet: bool, paired: bool = False) -> None:
     """Compare runs: clean and robust average / worst-class accuracy and ρ against a baseline
     (DAFA's table), mean ± std over seeds, and a figure of average against worst class."""
     from ..report.compare import compare_runs, to_markdown, write_outputs
 
     setup_logging(quiet)
     comp = compare_runs(list(run_dirs), baseline, attack, group_by)
+    paired_md = None
+    if paired:
+        from ..report.paired import write_paired
+
+        paired_md = write_paired(comp, out)  # before the table: a pairing error writes nothing
     paths = write_outputs(comp, out)
     if not quiet:
         click.echo(to_markdown(comp))
+        if paired_md is not None:
+            click.echo(paired_md)
     click.echo(f"saved: {paths['markdown']}, {paths['csv']}, {paths['html']}, "
                f"{paths['figure']}")
