@@ -244,17 +244,17 @@ EFFECTS: dict[str, Effect] = {
     "part": Effect(
         "PART (ICML 2024): more clean accuracy at the same robustness (≈ +1 point on CIFAR-10)",
         "region", {
-            "data": {"name": "effects-region", "params": {"n_train": 750, "n_val": 50,
-                                                          "n_test": 2500}},
+            "data": {"name": "effects-region", "params": {"n_train": 400, "n_val": 50,
+                                                          "n_test": 1500}},
             "model": {"name": "smallcnn", "params": {"width": 0.5}},
             "method": {"objective": {"name": "pgd_at"}},
             "attack": {"norm": "linf", "eps": 0.1, "step_size": 0.025, "steps": 5},
-            "train": {"epochs": 8, "batch_size": 64,
+            "train": {"epochs": 6, "batch_size": 64,
                       "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9,
                                     "weight_decay": 0.0005},
-                      "schedule": {"name": "multistep", "milestones": [7], "gamma": 0.1}},
+                      "schedule": {"name": "multistep", "milestones": [5], "gamma": 0.1}},
             "validation": {"every": 0},
-            "eval": {"attacks": ["clean", "pgd20"], "batch_size": 2500}},
+            "eval": {"attacks": ["clean", "pgd20"], "batch_size": 1500}},
         [Comparison("AT → PART", {}, {"method.budget": {
             "name": "pixel", "eps_low": 0.05, "cam": "gradcam", "mask": "jet", "warmup": 2,
             "mask_source": "current"}}, [CLEAN_UP, ROB_SAME])],
