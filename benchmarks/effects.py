@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -365,9 +364,24 @@ def claim_rows(comp_label: str, base_runs: list[dict[str, float]],
     return rows
 
 
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    _register()
+
+
+def _map(fn: Any, items: list[Any], jobs: int) -> list[Any]:
+    """``[fn(x) for x in items]``, in ``jobs`` worker processes when jobs > 1."""
+    if jobs <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(min(jobs, len(items)), initializer=_init_worker) as pool:
+        return pool.map(fn, items, chunksize=1)
+
+
 def run_effect(name: str, seeds: list[int], smoke: bool = False, real: bool = False,
-               log: Any = print) -> dict[str, Any]:
-    """Run one method's benchmark; return the JSON-ready result."""
+               log: Any = print, jobs: int = 1) -> dict[str, Any]:
+    """Run one method's benchmark (its runs in ``jobs`` processes); return the JSON result."""
     _register()
     eff = EFFECTS[name]
     prov = provenance()  # the code as it is when the runs start
@@ -378,17 +392,21 @@ def run_effect(name: str, seeds: list[int], smoke: bool = False, real: bool = Fa
     pairs = ([(f"{b} → {m}", ("recipe", b), ("recipe", m), cl) for b, m, cl in eff.real]
              if real else [(c.label, ("design", c.base), ("design", c.method), c.claims)
                            for c in eff.comparisons])
-    for label, base, method, claims in pairs:
-        arms: dict[str, list[dict[str, float]]] = {"base": [], "method": []}
-        for seed in seeds:
-            for role, arm in (("base", base), ("method", method)):
-                cfg = _arm_config(eff, arm, seed, smoke)
-                key = json.dumps(cfg.model_dump(), sort_keys=True, default=str)
-                if key not in cache:
-                    cache[key] = train_and_evaluate(cfg)
-                    log(f"  [{label}] {role} seed {seed}: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in cache[key].items()))
-                arms[role].append(cache[key])
+    plan = {(label, role, seed): _arm_config(eff, arm, seed, smoke)
+            for label, base, method, _ in pairs for seed in seeds
+            for role, arm in (("base", base), ("method", method))}
+    keys = {task: json.dumps(cfg.model_dump(), sort_keys=True, default=str)
+            for task, cfg in plan.items()}
+    todo = {keys[t]: cfg for t, cfg in plan.items()}  # the same run is trained once
+    for key, figures in zip(todo, _map(train_and_evaluate, list(todo.values()), jobs),
+                            strict=True):
+        cache[key] = figures
+        task = next(t for t in plan if keys[t] == key)
+        log(f"  [{task[0]}] {task[1]} seed {task[2]}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in figures.items()))
+    for label, _, _, claims in pairs:
+        arms = {role: [cache[keys[(label, role, s)]] for s in seeds]
+                for role in ("base", "method")}
         runs[label] = [{"base": b, "method": m} for b, m in zip(arms["base"], arms["method"],
                                                                  strict=True)]
         rows += claim_rows(label, arms["base"], arms["method"], claims)
@@ -501,6 +519,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder for METHOD.json (default benchmarks/results; with --smoke: none)")
     p.add_argument("--readme", action="store_true", help="only rebuild the README table")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained in parallel processes (one thread each)")
     args = p.parse_args(argv)
     if args.all:
         args.methods = list(EFFECTS)
@@ -525,7 +545,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out = args.out if args.out is not None else (None if args.smoke else RESULTS)
     results = []
     for name in args.methods:
-        res = run_effect(name, list(range(args.seeds)), args.smoke, args.real)
+        res = run_effect(name, list(range(args.seeds)), args.smoke, args.real,
+                         jobs=args.jobs)
         print(format_result(res), flush=True)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
