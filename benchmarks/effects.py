@@ -469,13 +469,14 @@ def format_result(res: dict[str, Any]) -> str:
 
 
 def readme_table(results: list[dict[str, Any]], methods: list[str]) -> str:
-    """The verdict table (markdown) from result files; methods without one are 'not run'."""
+    """The verdict table (markdown) from result files; a method and setting without one is
+    listed as 'not run'."""
     head = ("| method | setting | comparison | claim | base → method | difference [95% CI] | "
             "seeds | verdict | commit |")
     lines = [head, "|" + "---|" * 9]
     seen = set()
     for res in results:
-        seen.add(res["method"])
+        seen.add((res["method"], res["setting"].split(":")[0]))
         p = res["provenance"]
         for r in res["rows"]:
             iv = r["interval"]
@@ -486,8 +487,13 @@ def readme_table(results: list[dict[str, Any]], methods: list[str]) -> str:
                 f"[{iv['low']:+.2f}, {iv['high']:+.2f}] | {iv['n']} | **{r['verdict']}** | "
                 f"{p['commit']}{'+' if p.get('dirty') else ''} |")
     for m in methods:
-        if m not in seen:
-            lines.append(f"| {m} | – | – | – | – | – | – | not run | – |")
+        eff = EFFECTS.get(m)
+        settings = [("synthetic", f"synthetic:{eff.design}" if eff else "synthetic")]
+        if eff is None or eff.real:
+            settings.append(("mnist5k", "mnist5k"))
+        for kind, label in settings:
+            if (m, kind) not in seen:
+                lines.append(f"| {m} | {label} | – | – | – | – | – | not run | – |")
     return "\n".join(lines)
 
 

@@ -156,5 +156,6 @@ def test_readme_table_is_written_from_results(effects: Any, tmp_path: Path) -> N
     assert "old" not in text
     assert ("| dafa | synthetic:chain | TRADES → TRADES+DAFA | worst-class PGD-20 accuracy up | "
             "40.00 → 41.00 | +1.00 pts [-0.50, +2.50] | 3 | **not shown** | abc1234 |") in text
-    assert "| part | – | – | – | – | – | – | not run | – |" in text
+    assert "| part | synthetic:region | – | – | – | – | – | not run | – |" in text
+    assert "| dafa | mnist5k | – | – | – | – | – | not run | – |" in text
     assert "`python benchmarks/effects.py dafa`" in text
