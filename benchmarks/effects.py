@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -379,14 +380,15 @@ def _init_worker() -> None:
     _register()
 
 
-def _map(fn: Any, items: list[Any], jobs: int) -> list[Any]:
-    """``[fn(x) for x in items]``, in ``jobs`` worker processes when jobs > 1."""
+def _map(fn: Any, items: list[Any], jobs: int) -> Iterator[Any]:
+    """``fn(x)`` for each item in order, in ``jobs`` worker processes when jobs > 1."""
     if jobs <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
+        yield from map(fn, items)
+        return
     import multiprocessing as mp
 
     with mp.get_context("fork").Pool(min(jobs, len(items)), initializer=_init_worker) as pool:
-        return pool.map(fn, items, chunksize=1)
+        yield from pool.imap(fn, items, chunksize=1)
 
 
 def run_effect(name: str, seeds: list[int], smoke: bool = False, real: bool = False,
@@ -408,8 +410,7 @@ def run_effect(name: str, seeds: list[int], smoke: bool = False, real: bool = Fa
     keys = {task: json.dumps(cfg.model_dump(), sort_keys=True, default=str)
             for task, cfg in plan.items()}
     todo = {keys[t]: cfg for t, cfg in plan.items()}  # the same run is trained once
-    for key, figures in zip(todo, _map(train_and_evaluate, list(todo.values()), jobs),
-                            strict=True):
+    for key, figures in zip(todo, _map(train_and_evaluate, list(todo.values()), jobs)):
         cache[key] = figures
         task = next(t for t in plan if keys[t] == key)
         log(f"  [{task[0]}] {task[1]} seed {task[2]}: " + ", ".join(
