@@ -36,7 +36,8 @@ log = logging.getLogger("robustfair")
 
 def class_statistics(model: nn.Module, data: Any, attack: str, eps: float, norm: str,
                      num_classes: int, batch_size: int = 500, step_size: float | None = None,
-                     device: torch.device | None = None, seed: int = 0) -> dict[str, Tensor]:
+                     device: torch.device | None = None, seed: int = 0, bounded: bool = True
+                     ) -> dict[str, Tensor]:
     """Per-class sums over ``data`` (an ArrayData): adversarial softmax, clean logits, counts.
 
     Returns:
@@ -45,7 +46,7 @@ def class_statistics(model: nn.Module, data: Any, attack: str, eps: float, norm:
         of (true, predicted-under-attack).
     """
     device = device or next(model.parameters()).device
-    atk = build_attack(attack, norm, step_size)
+    atk = build_attack(attack, norm, step_size, bounded=bounded)
     c = num_classes
     z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
     prob_sum, logit_sum, sq_sum, count = z(c, c), z(c, c), z(c), z(c)
@@ -273,7 +274,8 @@ def analyze_class_distance(run_dir: str | Path, attack: str = "pgd20", n: int | 
     eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
     norm = cfg.eval.norm or cfg.attack.norm
     stats = class_statistics(model, split, attack, eps, norm, data.num_classes,
-                             cfg.eval.batch_size, cfg.eval.step_size, device, cfg.seed)
+                             cfg.eval.batch_size, cfg.eval.step_size, device, cfg.seed,
+                             data.bounded)
     names = [str(s) for s in (data.class_names or range(data.num_classes))]
     result: dict[str, Any] = {
         "run": str(run_dir), "attack": attack, "eps": eps, "norm": norm, "n": len(split),

@@ -38,13 +38,24 @@ def parse_attack_spec(spec: str) -> tuple[str, int | None]:
 
 
 def build_attack(
-    spec: str, norm: str = "linf", step_size: float | None = None, **params: Any
+    spec: str, norm: str = "linf", step_size: float | None = None, *, bounded: bool = True,
+    **params: Any
 ) -> Attack:
-    """Build the attack named by ``spec`` for the given norm."""
+    """Build the attack named by ``spec`` for the given norm.
+
+    ``bounded=False`` (data that are not images in [0, 1], e.g. synthetic mixtures): the attack
+    must not clip to [0, 1]; attacks that always keep inputs in that box are refused."""
     name, steps = parse_attack_spec(spec)
     cls = ATTACKS.get(name)
     fields = cls.Params.model_fields
     kw: dict[str, Any] = {k: v for k, v in params.items() if k in fields}
+    if not bounded:
+        if "clip" in fields:
+            kw["clip"] = False
+        elif name != "clean":
+            raise UserError(
+                f"attack {spec!r} keeps inputs in [0, 1], but this dataset is unbounded (not "
+                f"images in [0, 1]); use one of: clean, fgsm, pgdN, cwN, trades-klN")
     if steps is not None:
         if "steps" not in fields:
             raise UserError(f"attack {name!r} takes no step count; write {name!r}")

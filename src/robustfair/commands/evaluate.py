@@ -376,7 +376,7 @@ def confusion_table(matrix: list[list[int]], names: list[str] | None, attack: st
 def _print_checks(target: Target, quiet: bool, as_json: bool) -> int:
     """Run the sanity checks on the class-stratified subset (200 images unless --n), print each
     verdict as it comes and save them all in ``OUT/checks.json`` (the report shows them)."""
-    from ..engine.checks import CHECKS
+    from ..engine.checks import BOX_ONLY, CHECKS
     from ..engine.io import atomic_write_json
     from ..engine.protocol import eval_eps_norm, package_versions
     from ..engine.subset import eval_subset
@@ -390,10 +390,13 @@ def _print_checks(target: Target, quiet: bool, as_json: bool) -> int:
     if not as_json:
         click.echo(f"{target.label}: sanity checks on {len(y)} images, eps {eps:.4g} ({norm})")
     results = []
+    bounded = target.data.bounded
     for name, check in CHECKS.items():
+        if not bounded and name in BOX_ONLY:
+            continue  # Square and APGD work inside the [0, 1] box
         if not quiet and not as_json:
             echo_err(f"running {name} ...")
-        r = check(target.model, x, y, eps, norm, False)
+        r = check(target.model, x, y, eps, norm, False, bounded)
         results.append(r)
         if not as_json:
             click.echo(f"{'PASS' if r.passed else 'FAIL'}  {r.name:<19} {r.verdict}")

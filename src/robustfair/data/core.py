@@ -116,6 +116,12 @@ class DataBundle:
     def split(self, name: str) -> ArrayData:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
+    @property
+    def bounded(self) -> bool:
+        """Whether inputs live in [0, 1] (images), so that attacks clip to that box; synthetic
+        mixtures say ``extra['bounded'] = False``."""
+        return bool(self.extra.get("bounded", True))
+
 
 def class_names_default(c: int) -> list[str]:
     return [str(i) for i in range(c)]

@@ -13,6 +13,10 @@ and the flags of AutoAttack (Croce & Hein, arXiv:2003.01690):
 - ``unbounded``: an attack without a bound reaches about 0%;
 - ``square_vs_whitebox``: the black-box Square attack does not beat the white-box attacks.
 
+On unbounded data (``bounded=False``: synthetic mixtures, not images in [0, 1]) the attacks do
+not clip, "unbounded" means an ε as wide as the points' range, and ``square_vs_whitebox`` is
+left out (Square and APGD work inside the [0, 1] box).
+
 Each check returns a :class:`CheckResult` with a one-line verdict and, when it fails, the fix.
 """
 
@@ -52,8 +56,8 @@ def _logits(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
 
 
 def _robust_acc(model: nn.Module, spec: str, x: Tensor, y: Tensor, eps: float, norm: str,
-                seed: int = 0, **params: Any) -> float:
-    atk = build_attack(spec, norm, **params)
+                seed: int = 0, bounded: bool = True, **params: Any) -> float:
+    atk = build_attack(spec, norm, bounded=bounded, **params)
     rng = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -120,10 +124,10 @@ def check_zero_gradients(model: nn.Module, x: Tensor, y: Tensor,
 
 
 def check_eps_zero(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf",
-                   attack: str = "pgd10") -> CheckResult:
+                   attack: str = "pgd10", bounded: bool = True) -> CheckResult:
     """An attack with ε = 0 gives exactly the clean predictions."""
     clean = _logits(model, x).argmax(1)
-    x_adv = build_attack(attack, norm)(model, x, y, 0.0)
+    x_adv = build_attack(attack, norm, bounded=bounded)(model, x, y, 0.0)
     adv = _logits(model, x_adv).argmax(1)
     acc_c, acc_a = float((clean == y).float().mean()), float((adv == y).float().mean())
     changed = int((clean != adv).sum())
@@ -143,18 +147,18 @@ def check_eps_zero(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf",
 
 def check_monotone_eps(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "linf",
                        attack: str = "pgd20", factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0),
-                       tol: float = 0.01) -> CheckResult:
+                       tol: float = 0.01, bounded: bool = True) -> CheckResult:
     """Robust accuracy does not rise with ε (by more than ``tol``)."""
     grid = [eps * f for f in factors]
-    accs = [_robust_acc(model, attack, x, y, e, norm) for e in grid]
+    accs = [_robust_acc(model, attack, x, y, e, norm, bounded=bounded) for e in grid]
     return _monotone("monotone_eps", "ε", grid, accs, tol, attack)
 
 
 def check_monotone_steps(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "linf",
                          attack: str = "pgd", steps: tuple[int, ...] = (10, 50),
-                         tol: float = 0.01) -> CheckResult:
+                         tol: float = 0.01, bounded: bool = True) -> CheckResult:
     """Robust accuracy does not rise with more attack steps (by more than ``tol``)."""
-    accs = [_robust_acc(model, f"{attack}{k}", x, y, eps, norm) for k in steps]
+    accs = [_robust_acc(model, f"{attack}{k}", x, y, eps, norm, bounded=bounded) for k in steps]
     return _monotone("monotone_steps", "steps", list(steps), accs, tol, attack)
 
 
@@ -177,10 +181,13 @@ def _fmt(v: Any) -> str:
 
 
 def check_unbounded(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf",
-                    attack: str = "pgd50", max_acc: float = 0.02) -> CheckResult:
-    """An attack whose ε covers the whole image box reaches about 0% accuracy."""
-    big = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
-    acc = _robust_acc(model, attack, x, y, big, norm)
+                    attack: str = "pgd50", max_acc: float = 0.02, bounded: bool = True
+                    ) -> CheckResult:
+    """An attack whose ε covers the whole image box (unbounded data: the points' range)
+    reaches about 0% accuracy."""
+    width = 1.0 if bounded else float(x.max() - x.min())
+    big = width if norm == "linf" else width * math.sqrt(x[0].numel())
+    acc = _robust_acc(model, attack, x, y, big, norm, bounded=bounded)
     d = {"eps": big, "accuracy": acc, "attack": attack}
     if acc > max_acc:
         return CheckResult("unbounded", False, f"an unbounded attack leaves {_pct(acc)} correct",
@@ -193,13 +200,14 @@ def check_unbounded(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf",
 
 def check_square_vs_whitebox(model: nn.Module, x: Tensor, y: Tensor, eps: float,
                              norm: str = "linf", n_queries: int = 1000, steps: int = 100,
-                             tol: float = 0.01) -> CheckResult:
+                             tol: float = 0.01, bounded: bool = True) -> CheckResult:
     """The black-box Square attack does not beat the white-box APGD-CE and APGD-T (AutoAttack's
     ``check_square_sr``)."""
-    white = build_attack("autoattack", norm, attacks=["apgd-ce", "apgd-t"], steps=steps)
+    white = build_attack("autoattack", norm, attacks=["apgd-ce", "apgd-t"], steps=steps,
+                         bounded=bounded)
     xw = white(model, x, y, eps)
     acc_w = float((_logits(model, xw).argmax(1) == y).float().mean())
-    acc_s = _robust_acc(model, "square", x, y, eps, norm, n_queries=n_queries)
+    acc_s = _robust_acc(model, "square", x, y, eps, norm, n_queries=n_queries, bounded=bounded)
     d = {"whitebox": acc_w, "square": acc_s, "n_queries": n_queries}
     if acc_s < acc_w - tol:
         return CheckResult("square_vs_whitebox", False, f"the black-box Square attack "
@@ -211,24 +219,31 @@ def check_square_vs_whitebox(model: nn.Module, x: Tensor, y: Tensor, eps: float,
                        f"{_pct(acc_w)}", details=d)
 
 
-#: name → function(model, x, y, eps, norm, quick) running one check with its default settings
+#: name → function(model, x, y, eps, norm, quick, bounded) running one check with its default
+#: settings
 CHECKS: dict[str, Callable[..., CheckResult]] = {
-    "logits": lambda m, x, y, e, n, q: check_logits(m, x),
-    "deterministic": lambda m, x, y, e, n, q: check_deterministic(m, x),
-    "zero_gradients": lambda m, x, y, e, n, q: check_zero_gradients(m, x, y),
-    "eps_zero": lambda m, x, y, e, n, q: check_eps_zero(m, x, y, n),
-    "monotone_eps": lambda m, x, y, e, n, q: check_monotone_eps(m, x, y, e, n),
-    "monotone_steps": lambda m, x, y, e, n, q: check_monotone_steps(m, x, y, e, n),
-    "unbounded": lambda m, x, y, e, n, q: check_unbounded(m, x, y, n),
-    "square_vs_whitebox": lambda m, x, y, e, n, q: check_square_vs_whitebox(
-        m, x, y, e, n, n_queries=300 if q else 1000, steps=20 if q else 100),
+    "logits": lambda m, x, y, e, n, q, b: check_logits(m, x),
+    "deterministic": lambda m, x, y, e, n, q, b: check_deterministic(m, x),
+    "zero_gradients": lambda m, x, y, e, n, q, b: check_zero_gradients(m, x, y),
+    "eps_zero": lambda m, x, y, e, n, q, b: check_eps_zero(m, x, y, n, bounded=b),
+    "monotone_eps": lambda m, x, y, e, n, q, b: check_monotone_eps(m, x, y, e, n, bounded=b),
+    "monotone_steps": lambda m, x, y, e, n, q, b: check_monotone_steps(m, x, y, e, n,
+                                                                       bounded=b),
+    "unbounded": lambda m, x, y, e, n, q, b: check_unbounded(m, x, y, n, bounded=b),
+    "square_vs_whitebox": lambda m, x, y, e, n, q, b: check_square_vs_whitebox(
+        m, x, y, e, n, n_queries=300 if q else 1000, steps=20 if q else 100, bounded=b),
 }
+#: checks whose attacks only work inside the [0, 1] box
+BOX_ONLY = ("square_vs_whitebox",)
 
 
 def run_checks(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "linf",
-               names: list[str] | None = None, quick: bool = False) -> list[CheckResult]:
-    """Run the named checks (all by default) on the points ``x``, ``y`` (images in [0, 1])."""
-    return [CHECKS[name](model, x, y, eps, norm, quick) for name in (names or list(CHECKS))]
+               names: list[str] | None = None, quick: bool = False, bounded: bool = True
+               ) -> list[CheckResult]:
+    """Run the named checks (by default all, less :data:`BOX_ONLY` on unbounded data) on the
+    points ``x``, ``y`` (images in [0, 1] unless ``bounded`` is False)."""
+    default = [c for c in CHECKS if bounded or c not in BOX_ONLY]
+    return [CHECKS[name](model, x, y, eps, norm, quick, bounded) for name in (names or default)]
 
 
 __all__ = ["CHECKS", "CheckResult", "check_deterministic", "check_eps_zero", "check_logits",

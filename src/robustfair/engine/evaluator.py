@@ -124,11 +124,14 @@ def evaluate(
     device: torch.device | str | None = None,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    bounded: bool = True,
 ) -> EvalResult:
-    """Run every attack on every sample of ``data`` (an :class:`ArrayData`)."""
+    """Run every attack on every sample of ``data`` (an :class:`ArrayData`); ``bounded``:
+    inputs are images in [0, 1] (attacks clip), else unbounded (``DataBundle.bounded``)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     built: list[Attack] = [
-        a if isinstance(a, Attack) else build_attack(a, norm, step_size) for a in attacks
+        a if isinstance(a, Attack) else build_attack(a, norm, step_size, bounded=bounded)
+        for a in attacks
     ]
     names = [a.name for a in built]
     n = len(data)

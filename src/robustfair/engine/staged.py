@@ -164,12 +164,13 @@ def evaluate_staged(
     num_classes: int | None = None, batch_size: int = 500, step_size: float | None = None,
     device: torch.device | str | None = None, seed: int = 0, state_path: Path | None = None,
     resume: bool = False, fingerprint: dict[str, Any] | None = None, save_every: float = 30.0,
-    quiet: bool = True,
+    quiet: bool = True, bounded: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` on ``data`` (an :class:`ArrayData`) attack by attack; see the module
     docstring. Returns the :class:`EvalResult` (rows of AutoAttack stages included)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    built = [a if isinstance(a, Attack) else build_attack(a, norm, step_size) for a in attacks]
+    built = [a if isinstance(a, Attack) else build_attack(a, norm, step_size, bounded=bounded)
+             for a in attacks]
     stages = plan(built)
     n = len(data)
     fp = {"eps": eps, "norm": norm, "seed": seed, "n": n, "batch_size": batch_size,

@@ -130,7 +130,7 @@ class Trainer:
             num_classes=d.num_classes, in_channels=d.in_channels, image_size=d.image_size,
             norm=cfg.attack.norm, eps=cfg.attack.eps, step_size=cfg.attack.step_size,
             steps=cfg.attack.steps, num_groups=d.num_groups, train_size=len(d.train),
-            device=self.device, build_model=self.build_model,
+            device=self.device, build_model=self.build_model, bounded=d.bounded,
             extra={"class_counts": counts, "data": d, "seed": cfg.seed,
                    "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
                    "objective": dict(cfg.method.objective)},
@@ -376,7 +376,7 @@ class Trainer:
         attacks = ["clean"] + ([cfg.validation.attack] if cfg.attack.eps > 0 else [])
         res = evaluate(self.eval_model(), val, attacks, cfg.attack.eps, cfg.attack.norm,
                        self.data.num_classes, cfg.eval.batch_size, device=self.device,
-                       seed=cfg.seed)
+                       seed=cfg.seed, bounded=self.data.bounded)
         s = res.summary()["attacks"]
         out = {"clean": _brief(s["clean"])}
         if len(attacks) > 1:
@@ -392,7 +392,8 @@ class Trainer:
             if spec not in cache:
                 cache[spec] = evaluate(self.eval_model(), self.data.val, ["clean", spec],
                                        cfg.attack.eps, cfg.attack.norm, self.data.num_classes,
-                                       cfg.eval.batch_size, device=self.device, seed=cfg.seed)
+                                       cfg.eval.batch_size, device=self.device, seed=cfg.seed,
+                                       bounded=self.data.bounded)
             return cache[spec]
 
         return EpochContext(self.epoch, cfg.train.epochs, self.model, self.data.num_classes,

@@ -31,6 +31,7 @@ class BuildContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     build_model: Callable[..., nn.Module] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    bounded: bool = True  # inputs in [0, 1]: attacks clip to that box
 
 
 @dataclass

@@ -78,12 +78,14 @@ class PGDAT(Objective):
         if ctx.steps <= 0:
             return
         if not params.random_start:
-            self.attack = build_attack(f"pgd{ctx.steps}", ctx.norm, random_start=False)
+            self.attack = build_attack(f"pgd{ctx.steps}", ctx.norm, random_start=False,
+                                       bounded=ctx.bounded)
             return
         start = "uniform" if params.start == "auto" else params.start
-        self.attack = build_attack(f"pgd{ctx.steps}", ctx.norm, **start_params(start, ctx.eps))
+        self.attack = build_attack(f"pgd{ctx.steps}", ctx.norm, bounded=ctx.bounded,
+                                   **start_params(start, ctx.eps))
         if params.start == "auto":
-            self.map_attack = build_attack(f"pgd{ctx.steps}", ctx.norm,
+            self.map_attack = build_attack(f"pgd{ctx.steps}", ctx.norm, bounded=ctx.bounded,
                                            **start_params("uniform_raw", ctx.eps))
 
     def forward(self, model, x, y, eps, step_size):  # type: ignore[override]
@@ -106,7 +108,8 @@ def trades_attack(ctx: Any, steps: int | None = None, start: str = "normal") -> 
     steps = ctx.steps if steps is None else steps
     if steps <= 0:
         return None
-    return build_attack(f"trades-kl{steps}", ctx.norm, **start_params(start, ctx.eps))
+    return build_attack(f"trades-kl{steps}", ctx.norm, bounded=ctx.bounded,
+                        **start_params(start, ctx.eps))
 
 
 @OBJECTIVES.register("trades")
@@ -154,7 +157,7 @@ class MART(Objective):
 
     def __init__(self, params, ctx):  # type: ignore[no-untyped-def]
         super().__init__(params, ctx)
-        self.attack = build_attack(f"pgd{ctx.steps}", ctx.norm,
+        self.attack = build_attack(f"pgd{ctx.steps}", ctx.norm, bounded=ctx.bounded,
                                    **start_params(params.start, ctx.eps)) if ctx.steps > 0 else None
 
     def forward(self, model, x, y, eps, step_size):  # type: ignore[override]

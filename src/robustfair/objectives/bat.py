@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..attacks.base import ascent_direction, eval_mode, input_grad, project
-from ..attacks.basic import kl_per_sample
+from ..attacks.basic import box, kl_per_sample
 from . import OBJECTIVES
 from .base import Objective, ObjectiveOutput, ObjectiveParams
 
@@ -28,8 +28,8 @@ def kl_to_uniform(logits: Tensor) -> Tensor:
 
 
 def early_stopped_kl_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, step: Tensor,
-                         steps: int, tau: int = 1, norm: str = "linf", init_std: float = 0.001
-                         ) -> tuple[Tensor, Tensor]:
+                         steps: int, tau: int = 1, norm: str = "linf", init_std: float = 0.001,
+                         clip: bool = True) -> tuple[Tensor, Tensor]:
     """TRADES-KL PGD from x + init_std·N(0, I) that keeps two iterates per sample.
 
     With x_0, x_1, ... the iterates (each x_k is checked before it is stepped):
@@ -47,7 +47,7 @@ def early_stopped_kl_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, st
     with eval_mode(model), torch.enable_grad():
         with torch.no_grad():
             nat = model(x)
-        x_k = (x + init_std * torch.randn_like(x)).clamp(0, 1).detach()
+        x_k = box(x + init_std * torch.randn_like(x), clip).detach()
         prev = x_k
         x_lc, x_fa = x_k.clone(), x_k.clone()
         lc_done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -71,7 +71,7 @@ def early_stopped_kl_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, st
             with torch.no_grad():
                 prev = x_k.detach()
                 x_next = prev + step * ascent_direction(g, norm)
-                x_k = (x + project(x_next - x, eps, norm)).clamp(0, 1)
+                x_k = box(x + project(x_next - x, eps, norm), clip)
         x_lc[~lc_done] = x_k.detach()[~lc_done]
         x_fa[~fa_done] = x_k.detach()[~fa_done]
     return x_lc.detach(), x_fa.detach()
@@ -96,7 +96,7 @@ class BAT(Objective):
         steps = self.ctx.steps
         if steps > 0:
             x_lc, x_fa = early_stopped_kl_pgd(model, x, y, eps, step_size, steps, self.tau,
-                                              self.ctx.norm)
+                                              self.ctx.norm, clip=self.ctx.bounded)
         else:
             x_lc = x_fa = x
         logits = model(x)

@@ -142,7 +142,8 @@ class DKL(Objective):
             return None
         if self.params.attack_beta == 0:
             return trades_attack(ctx, start=self.params.start)
-        atk = DKLAttack(steps=ctx.steps, norm=ctx.norm, **start_params(self.params.start, ctx.eps))
+        atk = DKLAttack(steps=ctx.steps, norm=ctx.norm, clip=ctx.bounded,
+                        **start_params(self.params.start, ctx.eps))
         atk.weight_fn = self.sample_weights
         atk.wmse_weight = self.params.attack_beta
         return atk

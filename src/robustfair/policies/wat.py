@@ -120,7 +120,8 @@ class WAT(Policy):
     def validation_costs(self, model: nn.Module, val: Any, device: torch.device) -> Tensor:
         """(C + 1,): the mean TRADES cost of each class under attack, then the overall mean."""
         ctx, c = self.ctx, self.num_classes
-        attack = build_attack(f"trades-kl{max(ctx.steps, 1)}", ctx.norm)
+        attack = build_attack(f"trades-kl{max(ctx.steps, 1)}", ctx.norm,
+                              bounded=getattr(ctx, "bounded", True))
         n = len(val) if self.params.val_n is None else min(self.params.val_n, len(val))
         total = torch.zeros(c, dtype=torch.float64)
         count = torch.zeros(c, dtype=torch.float64)

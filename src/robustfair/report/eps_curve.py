@@ -70,7 +70,7 @@ def compute_eps_curve(run_dir: Path, factors: Sequence[float] = DEFAULT_FACTORS,
     for e in eps_list:
         spec = attack if e > 0 else "clean"
         res = evaluate(model, subset, [spec], e, norm, data.num_classes, cfg.eval.batch_size,
-                       cfg.eval.step_size, device=device, seed=cfg.seed)
+                       cfg.eval.step_size, device=device, seed=cfg.seed, bounded=data.bounded)
         s = class_summary(res.correct[0], res.labels, data.num_classes)
         per_class.append(s["per_class"])
         avg.append(s["avg"])

@@ -211,7 +211,8 @@ class DrFairness(GroupSampler):
         if self.probe_attack:
             from ..attacks import build_attack
 
-            self._attack = build_attack(self.probe_attack, getattr(ctx, "norm", "linf"))
+            self._attack = build_attack(self.probe_attack, getattr(ctx, "norm", "linf"),
+                                        bounded=getattr(ctx, "bounded", True))
 
     def _check_cells(self) -> None:
         if self.gen_val is None or len(self.gen_val) == 0:
