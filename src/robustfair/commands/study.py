@@ -1,7 +1,8 @@
 """``robustfair study``: grids of small training runs and their analysis.
 
 ``robustfair study disparity --dataset stable-mixture --alpha 2`` runs the AT-on-AD accuracy
-disparity study (Hu et al., ICML 2023) and writes Figure 1's two rows as PNG and JSON."""
+disparity study (Hu et al., ICML 2023) and writes Figure 1's two rows as PNG and JSON;
+``--preset figure1`` uses a mixture on which both rows show."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def _floats(text: str | None, what: str) -> list[float] | None:
     return vals
 
 
-def _default_output(dataset: str, alpha: float | None, model: str) -> Path:
+def _default_output(dataset: str, alpha: float | None, model: str, preset: str) -> Path:
     tag = f"-alpha{alpha:g}" if dataset == "stable-mixture" else ""
+    tag += f"-{preset}" if preset != "official" else ""
     return Path("runs") / f"study-disparity-{dataset}{tag}-{model}"
 
 
@@ -38,7 +40,7 @@ def _study_raw(opts: dict[str, Any]) -> dict[str, Any]:
     """Preset of the dataset, then the command-line options, then ``--set`` overrides."""
     from ..studies.presets import study_preset
 
-    raw = study_preset(opts["dataset"], opts["alpha"])
+    raw = study_preset(opts["dataset"], opts["alpha"], opts["preset"])
     if opts["alpha"] is not None and opts["dataset"] != "stable-mixture":
         raise UserError("--alpha applies to --dataset stable-mixture only")
     train = raw.setdefault("train", {})
@@ -65,6 +67,10 @@ def _study_raw(opts: dict[str, Any]) -> dict[str, Any]:
             train[key] = opts[key]
     if opts["accumulate_attack_grads"]:
         train["accumulate_attack_grads"] = True
+    if opts["selection"] is not None:
+        train["selection"] = opts["selection"]
+    if opts["min_epochs"] is not None:
+        train["min_epochs"] = opts["min_epochs"]
     if opts["fixed_data"]:
         raw["fixed_data"] = True
     if opts["data_root"]:
@@ -84,6 +90,10 @@ def study() -> None:
 @click.option("--dataset", default="stable-mixture", show_default=True,
               help="stable-mixture, or a binary task: mnist5k-binary, mnist-binary, "
                    "fashion-mnist-binary, cifar10-binary.")
+@click.option("--preset", default="official", show_default=True,
+              help="official: the official grids on the scalar mixture ±mu·1; figure1: a "
+                   "stable mixture whose robust direction differs from the best one, so both "
+                   "rows of Figure 1 show (stable-mixture only).")
 @click.option("--alpha", type=float, default=None,
               help="Stability index of stable-mixture: 2 Gaussian (default), 1.5 Holtsmark, 1 Cauchy.")
 @click.option("--model", default=None, help="linear, mlp or vgg11_bn (default: the preset's).")
@@ -100,6 +110,11 @@ def study() -> None:
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None)
 @click.option("--attack", default=None, help="auto (closed form for linear models, PGD "
                                              "otherwise), closed-form, fgsm or pgdN.")
+@click.option("--selection", type=click.Choice(["clean", "robust"]), default=None,
+              help="Validation loss that selects the epoch and learning rate: clean (official, "
+                   "default) or robust (under the training attack).")
+@click.option("--min-epochs", type=int, default=None,
+              help="Epochs before a model may be selected (default 0, official).")
 @click.option("--accumulate-attack-grads", is_flag=True,
               help="Reproduce the official update (attack gradients leak into the step).")
 @click.option("--fixed-data", is_flag=True, help="One data draw for all seeds (official files).")
@@ -124,7 +139,7 @@ def disparity(**opts: Any) -> None:
         raise UserError("--workers: give 1 or more")
     cfg = build_study_config(_study_raw(opts))
     out = opts["output_dir"] or _default_output(cfg.dataset, cfg.data_params.get("alpha"),
-                                                cfg.model)
+                                                cfg.model, cfg.preset)
     t0 = time.perf_counter()
     try:
         results = run_disparity_study(cfg, out, workers=opts["workers"], quiet=opts["quiet"],

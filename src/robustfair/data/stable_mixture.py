@@ -5,26 +5,31 @@ Hu, Wu, Zhang, Zhao, "Understanding the Impact of Adversarial Robustness on Accu
 Disparity", ICML 2023 (arXiv:2211.15762). The official repository ships no data and no
 generator, so the mixture below is this library's own, with every parameter configurable.
 
-**The stable mixture** (``stable-mixture``). Class y ∈ {0, 1} has mean μ_y = s_y·μ·1 with
+**The stable mixture** (``stable-mixture``). Class y ∈ {0, 1} has mean μ_y = s_y·μ with
 s_0 = −1, s_1 = +1, and
 
-    x = μ_y + σ·z,   z_1, …, z_d i.i.d. standard symmetric α-stable,
+    x = μ_y + c_y·σ ⊙ z,   z_1, …, z_d i.i.d. standard symmetric α-stable,
 
 where "standard" means the characteristic function E exp(i t z_j) = exp(−|t|^α) (scipy's
 ``levy_stable(alpha, 0)`` with scale 1). So σ is the *scale parameter* of each coordinate's
 noise: for α = 2 (Gaussian) each coordinate has standard deviation σ√2, for α = 1 (Cauchy) σ is
-the half-width at half-maximum, α = 1.5 is the Holtsmark distribution. Class 0 is the majority:
+the half-width at half-maximum, α = 1.5 is the Holtsmark distribution. μ and σ are scalars (μ·1,
+σ·1: the official setting) or vectors, written out or as a profile of runs, e.g.
+``mu: [{value: 4, count: 20}, {value: 1, count: 80}]``; c_y (``class_scale``, default 1, 1)
+scales the noise of each class. Class 0 is the majority:
 n_0 = N and n_1 = N/R training samples (and the same for validation); the imbalanced test set has
 ``n_test`` and ``n_test``/R samples, the balanced one ``n_test`` of each class.
 
 Closed form for linear classifiers. For f(x) = w·x + b, predicting class 1 iff f(x) > 0, stability
-gives w·z ~ ‖w‖_α·z_1 with ‖w‖_α = (Σ_j |w_j|^α)^(1/α), hence
+gives (w ⊙ σ)·z ~ ‖w ⊙ σ‖_α·z_1 with ‖v‖_α = (Σ_j |v_j|^α)^(1/α), hence
 
-    P(correct | y) = F_α(s_y·(w·μ_y + b) / (σ‖w‖_α)),
+    P(correct | y) = F_α((w·μ + s_y·b − ε‖w‖_*) / (c_y‖w ⊙ σ‖_α)),
 
-F_α the standard symmetric α-stable CDF (F_2(t) = Φ(t/√2), F_1(t) = 1/2 + arctan(t)/π). For
-α = 2 and equal priors the best classifier is w ∝ 1, b = 0 (the Bayes rule); for α < 2 w ∝ 1 is
-the best *linear* rule (the Bayes rule is then nonlinear).
+with ε = 0 for clean accuracy and ‖·‖_* the dual norm of the attack's (ℓ1 for ℓ∞, ℓ2 for ℓ2)
+under the worst ε-perturbation; F_α is the standard symmetric α-stable CDF (F_2(t) = Φ(t/√2),
+F_1(t) = 1/2 + arctan(t)/π). For scalar μ, σ, α = 2 and equal priors the best classifier is
+w ∝ 1, b = 0 (the Bayes rule), and the ℓ2- and ℓ∞-robust linear rules point the same way; with
+unequal coordinates (a vector μ or σ) they do not (:mod:`robustfair.studies.oracle`).
 
 Default μ and σ per α (d = 100), chosen so that the balanced problem's best linear accuracy is
 high but not perfect and the paper's ε grids (specs part_atad §2.4) visibly lower the accuracy
@@ -55,6 +60,7 @@ samples (class 0, except Fashion-MNIST where the official code makes "the rest" 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -121,15 +127,20 @@ def alpha_norm(w: np.ndarray, alpha: float) -> float:
 
 
 def linear_class_accuracy(
-    w: np.ndarray, b: float, mu: float, sigma: float, alpha: float
+    w: np.ndarray, b: float, mu: float | np.ndarray, sigma: float | np.ndarray, alpha: float,
+    class_scale: tuple[float, float] = (1.0, 1.0), eps: float = 0.0, norm: str = "linf",
 ) -> np.ndarray:
     """Exact per-class accuracy [P(correct | y=0), P(correct | y=1)] of the rule "class 1 iff
-    w·x + b > 0" on the stable mixture: F_α(s_y·(w·μ_y + b)/(σ‖w‖_α)), μ_y = s_y·μ·1."""
+    w·x + b > 0" on the stable mixture, F_α((w·μ + s_y·b − ε‖w‖_*)/(c_y‖w ⊙ σ‖_α)); ``mu`` and
+    ``sigma`` are scalars (μ·1, σ·1) or vectors; ``eps`` > 0: under the worst perturbation."""
     w = np.asarray(w, dtype=np.float64).ravel()
-    scale = sigma * alpha_norm(w, alpha)
+    mu_v = np.broadcast_to(np.asarray(mu, dtype=np.float64), w.shape)
+    sigma_v = np.broadcast_to(np.asarray(sigma, dtype=np.float64), w.shape)
+    dual = np.abs(w).sum() if norm == "linf" else float(np.sqrt((w**2).sum()))
     signs = np.array([-1.0, 1.0])
-    margins = signs * (signs * mu * w.sum() + b)
-    if scale == 0.0:
+    margins = float(w @ mu_v) + signs * b - eps * dual
+    scale = np.asarray(class_scale, dtype=np.float64) * alpha_norm(w * sigma_v, alpha)
+    if not np.all(scale > 0.0):
         return (margins > 0).astype(np.float64)
     return stable_cdf(margins / scale, alpha)
 
@@ -143,6 +154,92 @@ def best_linear_accuracy(mu: float, sigma: float, alpha: float, d: int,
 
 
 # ------------------------------------------------------------------------------------------
+# the mixture's parameters: scalars, vectors or profiles
+
+
+class ProfileRun(BaseModel):
+    """``count`` coordinates with the same ``value``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: float
+    count: int = Field(ge=1)
+
+
+#: a scalar, a vector of d values, or a profile of runs
+Profile = float | list[float] | list[ProfileRun]
+
+
+def profile_vector(value: Profile, d: int, what: str) -> np.ndarray:
+    """The (d,) vector of a scalar, a vector or a profile ``[{value, count}, …]``."""
+    if isinstance(value, int | float):
+        return np.full(d, float(value))
+    if value and isinstance(value[0], ProfileRun):
+        vec = np.concatenate([np.full(r.count, r.value) for r in value])  # type: ignore[union-attr]
+    else:
+        vec = np.asarray(value, dtype=np.float64)
+    if len(vec) != d:
+        raise ValueError(f"{what} has {len(vec)} coordinates but d is {d}")
+    return vec
+
+
+def _length(value: Profile | None) -> int | None:
+    """Number of coordinates a vector or profile gives (None for a scalar)."""
+    if value is None or isinstance(value, int | float):
+        return None
+    if value and isinstance(value[0], ProfileRun):
+        return sum(r.count for r in value)  # type: ignore[union-attr]
+    return len(value)
+
+
+def describe_vector(v: np.ndarray) -> str:
+    """Runs of equal values: ``"4×20, 1×80"`` (a constant vector: its value)."""
+    runs: list[list[float]] = []
+    for x in np.asarray(v, dtype=np.float64):
+        if runs and runs[-1][0] == x:
+            runs[-1][1] += 1
+        else:
+            runs.append([float(x), 1])
+    if len(runs) == 1:
+        return f"{runs[0][0]:g}"
+    if len(runs) > 6:
+        return f"{len(v)} values from {min(v):g} to {max(v):g}"
+    return ", ".join(f"{val:g}×{int(n)}" for val, n in runs)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """The population: class y has mean s_y·μ and noise c_y·σ ⊙ z (z standard α-stable)."""
+
+    alpha: float
+    mu: np.ndarray
+    sigma: np.ndarray
+    class_scale: tuple[float, float] = (1.0, 1.0)
+
+    @property
+    def d(self) -> int:
+        return len(self.mu)
+
+    def class_accuracy(self, w: np.ndarray, b: float, eps: float = 0.0, norm: str = "linf"
+                       ) -> np.ndarray:
+        """Exact [P(correct | 0), P(correct | 1)] of "class 1 iff w·x + b > 0"."""
+        return linear_class_accuracy(w, b, self.mu, self.sigma, self.alpha, self.class_scale,
+                                     eps, norm)
+
+    def describe(self) -> str:
+        scale = "" if self.class_scale == (1.0, 1.0) else (
+            f", class scale {self.class_scale[0]:g}, {self.class_scale[1]:g}")
+        return (f"{ALPHA_NAMES.get(self.alpha, f'alpha={self.alpha:g}')} (α = {self.alpha:g}), "
+                f"d = {self.d}, μ = {describe_vector(self.mu)}, σ = "
+                f"{describe_vector(self.sigma)}{scale}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "d": self.d, "mu": self.mu.tolist(),
+                "sigma": self.sigma.tolist(), "class_scale": list(self.class_scale),
+                "description": self.describe()}
+
+
+# ------------------------------------------------------------------------------------------
 # the stable mixture dataset
 
 
@@ -152,9 +249,14 @@ class StableMixtureParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     alpha: float = Field(2.0, gt=0.0, le=2.0, description="stability index (2, 1.5, 1)")
-    d: int = Field(100, ge=1, le=100_000, description="input dimension")
-    mu: float | None = Field(None, gt=0.0, description="class means ±μ·1 (default per α)")
-    sigma: float | None = Field(None, gt=0.0, description="noise scale σ (default per α)")
+    d: int = Field(100, ge=1, le=100_000, description="input dimension (default: the length "
+                   "of a vector μ or σ, else 100)")
+    mu: Profile | None = Field(None, description="class means ±μ: a scalar (μ·1), d values or "
+                               "a profile [{value, count}, …] (default per α)")
+    sigma: Profile | None = Field(None, description="noise scale σ per coordinate: scalar, d "
+                                  "values or a profile (default per α)")
+    class_scale: tuple[float, float] = Field(
+        (1.0, 1.0), description="noise scale c_y of class 0 and class 1")
     n_major: int = Field(4000, ge=1, description="majority training samples N")
     n_val_major: int = Field(1000, ge=1, description="majority validation samples")
     n_test: int = Field(1000, ge=1, description="test samples of the majority class")
@@ -171,7 +273,24 @@ class StableMixtureParams(BaseModel):
             mu, sigma = DEFAULT_MU_SIGMA[self.alpha]
             object.__setattr__(self, "mu", self.mu if self.mu is not None else mu)
             object.__setattr__(self, "sigma", self.sigma if self.sigma is not None else sigma)
+        if "d" not in self.model_fields_set:  # a vector or profile sets d
+            lengths = {_length(v) for v in (self.mu, self.sigma)} - {None}
+            if len(lengths) > 1:
+                raise ValueError(f"mu and sigma have different lengths {sorted(lengths)}")
+            if lengths:
+                object.__setattr__(self, "d", lengths.pop())
+        mix = self.mixture()
+        if not np.all(mix.sigma > 0) or min(self.class_scale) <= 0:
+            raise ValueError("sigma and class_scale must be > 0")
+        if not np.any(mix.mu != 0):
+            raise ValueError("mu must not be 0 (the two classes would coincide)")
         return self
+
+    def mixture(self) -> Mixture:
+        """The population these parameters describe."""
+        return Mixture(self.alpha, profile_vector(self.mu, self.d, "mu"),  # type: ignore[arg-type]
+                       profile_vector(self.sigma, self.d, "sigma"),  # type: ignore[arg-type]
+                       (float(self.class_scale[0]), float(self.class_scale[1])))
 
 
 def parse_params(model: type[BaseModel], params: dict[str, Any], where: str) -> Any:
@@ -192,8 +311,9 @@ def _draw_class(p: StableMixtureParams, split: int, label: int, n: int) -> np.nd
     (the first n/R minority samples are the same for every R)."""
     rng = np.random.default_rng(np.random.SeedSequence([p.seed, split, label]))
     z = sample_symmetric_stable(p.alpha, (n, p.d), rng)
+    mix = p.mixture()
     sign = -1.0 if label == 0 else 1.0
-    return sign * p.mu + p.sigma * z
+    return sign * mix.mu + mix.class_scale[label] * mix.sigma * z
 
 
 def _split(p: StableMixtureParams, split: int, n0: int, n1: int) -> ArrayData:
@@ -216,15 +336,16 @@ def make_stable_mixture(p: StableMixtureParams) -> DataBundle:
         "stable-mixture", train, val, test, 2, (0.0,) * p.d, (1.0,) * p.d, "none",
         ["0 (majority, mean -mu)", "1 (minority, mean +mu)"],
         extra={"test_balanced": balanced, "majority": 0, "ratio": p.ratio, "bounded": False,
-               "alpha": p.alpha, "mu": p.mu, "sigma": p.sigma, "d": p.d},
+               "alpha": p.alpha, "d": p.d, "mixture": p.mixture()},
     )
 
 
 @DATASETS.register("stable-mixture")
 def stable_mixture(cfg: Any) -> DataBundle:
-    """Imbalanced two-class mixture ±μ·1 + σ·(symmetric α-stable noise) in d = 100 dimensions
-    (AT-on-AD): Gaussian α=2, Holtsmark α=1.5, Cauchy α=1; data.params: alpha, d, mu, sigma,
-    n_major, n_val_major, n_test, ratio, seed."""
+    """Imbalanced two-class mixture ±μ + c_y·σ ⊙ (symmetric α-stable noise) in d = 100
+    dimensions (AT-on-AD): Gaussian α=2, Holtsmark α=1.5, Cauchy α=1; data.params: alpha, d,
+    mu and sigma (scalar, vector or profile), class_scale, n_major, n_val_major, n_test, ratio,
+    seed."""
     return make_stable_mixture(parse_params(StableMixtureParams, dict(cfg.params), "data.params"))
 
 

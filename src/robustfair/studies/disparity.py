@@ -12,7 +12,9 @@ clean validation loss is kept. Per (norm, ε, R, seed):
   balanced test set;
 - gap of standard accuracy = acc(standard) − acc(AT) on the imbalanced test set;
 
-reported as mean ± std/√n over the seeds (population std, as the official script).
+reported as mean ± std/√n over the seeds (population std, as the official script). On the stable
+mixture the closed form of :mod:`.oracle` (the best standard and robust linear rules of the
+population) is reported beside the measured gaps.
 
 Each finished cell is written atomically to ``OUT/cells/<key>.json`` with a fingerprint of the
 settings it depends on, so an interrupted study resumes where it stopped, and adding seeds,
@@ -56,6 +58,7 @@ class DisparityStudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = "stable-mixture"
+    preset: str = Field("official", description="the preset the settings started from")
     data_params: dict[str, Any] = Field(default_factory=dict)
     data_root: str | None = None
     download: bool = False
@@ -211,13 +214,9 @@ def cell_record(cfg: DisparityStudyConfig, job: Job, method: Method, fits: list[
     }
     if best.params:
         rec["linear"] = best.params
-        if data.name == "stable-mixture":
-            from ..data.stable_mixture import linear_class_accuracy
-
-            ex = data.extra
-            rec["closed_form_per_class"] = linear_class_accuracy(
-                np.asarray(best.params["v"]), best.params["c"], ex["mu"], ex["sigma"],
-                ex["alpha"]).tolist()
+        if "mixture" in data.extra:
+            rec["closed_form_per_class"] = data.extra["mixture"].class_accuracy(
+                np.asarray(best.params["v"]), best.params["c"]).tolist()
     return rec
 
 
@@ -301,12 +300,44 @@ def run_disparity_study(cfg: DisparityStudyConfig, out_dir: str | Path, workers:
         for rec in _execute(cfg, jobs, cells_dir, workers, progress):
             done[rec["key"]] = rec
     results = aggregate(cfg, done)
+    results["closed_form"] = closed_form(cfg)
     atomic_write_json(out / "results.json", results)
-    from .figures import plot_figure1
+    from .figures import caption, plot_figure1
 
     results["figures"] = plot_figure1(results, out)
+    results["caption"] = caption(results)
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def mixture_of(cfg: DisparityStudyConfig) -> Any:
+    """The stable mixture the study draws from (None for other datasets)."""
+    if cfg.dataset != "stable-mixture":
+        return None
+    from ..data.stable_mixture import StableMixtureParams, parse_params
+
+    return parse_params(StableMixtureParams, dict(cfg.data_params), "data_params").mixture()
+
+
+def data_description(cfg: DisparityStudyConfig) -> str:
+    """One line naming the data every curve of the study used."""
+    mix = mixture_of(cfg)
+    if mix is not None:
+        return f"stable-mixture: {mix.describe()}"
+    params = ", ".join(f"{k}={v}" for k, v in sorted(cfg.data_params.items()))
+    return f"{cfg.dataset}" + (f" ({params})" if params else "")
+
+
+def closed_form(cfg: DisparityStudyConfig) -> dict[str, Any] | None:
+    """The oracle's gaps for the study's grid (stable mixture, linear models), else None."""
+    mix = mixture_of(cfg)
+    if mix is None or cfg.model != "linear":
+        return None
+    from .oracle import closed_form_gaps
+    from .trainer import single_thread
+
+    with single_thread():
+        return closed_form_gaps(mix, list(cfg.ratios), {n: cfg.eps[n] for n in cfg.norms})
 
 
 def aggregate(cfg: DisparityStudyConfig, cells: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -330,13 +361,16 @@ def aggregate(cfg: DisparityStudyConfig, cells: dict[str, dict[str, Any]]) -> di
                     acc[i, j] = standard_accuracy_gap(std_acc[i, j], rec["test"]["acc"])
             m_ad, se_ad = mean_se(ad)
             m_acc, se_acc = mean_se(acc)
-            rows.append({"eps": e, "ad_gap": ad.tolist(), "acc_gap": acc.tolist(),
+            rows.append({"eps": e, "data": data_description(cfg),
+                         "ad_gap": ad.tolist(), "acc_gap": acc.tolist(),
                          "ad_gap_mean": m_ad.tolist(), "ad_gap_se": se_ad.tolist(),
                          "acc_gap_mean": m_acc.tolist(), "acc_gap_se": se_acc.tolist()})
         per_norm[n] = rows
     m_std_ad, se_std_ad = mean_se(std_ad)
     return {
         "dataset": cfg.dataset, "data_params": cfg.data_params, "model": cfg.model,
+        "preset": cfg.preset, "data": data_description(cfg),
+        "selection": {"loss": cfg.train.selection, "min_epochs": cfg.train.min_epochs},
         "ratios": cfg.ratios, "seeds": cfg.seeds, "norms": cfg.norms, "eps": cfg.eps,
         "standard": {"ad": std_ad.tolist(), "acc": std_acc.tolist(),
                      "ad_mean": m_std_ad.tolist(), "ad_se": se_std_ad.tolist()},
@@ -346,20 +380,34 @@ def aggregate(cfg: DisparityStudyConfig, cells: dict[str, dict[str, Any]]) -> di
             "ad_gap": "AD(adversarial training) - AD(standard training)",
             "acc_gap": "acc(standard) - acc(adversarial training) on the imbalanced test set",
             "se": "std over seeds (ddof=0) / sqrt(number of seeds)",
+            "closed_form": "gaps of the best standard and robust linear rules of the population "
+                           "(robustfair.studies.oracle)",
         },
     }
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """Mean ± SE of both gaps (percentage points) per norm, ε and R."""
-    lines = [f"{results['dataset']} {results.get('data_params') or ''}".rstrip() + " — model "
-             f"{results['model']}, {len(results['seeds'])} seeds (mean ± SE, points)"]
-    head = f"{'norm':<5} {'eps':>8} {'R':>5} {'AD gap':>15} {'acc gap':>15}"
+    """Mean ± SE of both gaps (percentage points) per norm, ε and R, with the closed form."""
+    sel = results.get("selection", {})
+    lines = [f"{results.get('data', results['dataset'])}",
+             f"model {results['model']}, {len(results['seeds'])} seeds (mean ± SE, points); "
+             f"selection by {sel.get('loss', 'clean')} validation loss"
+             + (f" after {sel['min_epochs']} epochs" if sel.get("min_epochs") else "")]
+    cf = results.get("closed_form")
+    head = (f"{'norm':<5} {'eps':>8} {'R':>5} {'AD gap':>15}" + (f" {'closed':>7}" if cf else "")
+            + f" {'acc gap':>15}" + (f" {'closed':>7}" if cf else ""))
     lines += [head, "-" * len(head)]
     for n in results["norms"]:
-        for row in results["gaps"][n]:
+        for k, row in enumerate(results["gaps"][n]):
+            ref = cf["gaps"][n][k] if cf else None
             for i, r in enumerate(results["ratios"]):
                 ad = f"{100 * row['ad_gap_mean'][i]:+6.2f} ± {100 * row['ad_gap_se'][i]:4.2f}"
                 acc = f"{100 * row['acc_gap_mean'][i]:+6.2f} ± {100 * row['acc_gap_se'][i]:4.2f}"
-                lines.append(f"{n:<5} {row['eps']:>8g} {r:>5g} {ad:>15} {acc:>15}")
+                line = f"{n:<5} {row['eps']:>8g} {r:>5g} {ad:>15}"
+                if ref:
+                    line += f" {100 * ref['ad_gap'][i]:+7.2f}"
+                line += f" {acc:>15}"
+                if ref:
+                    line += f" {100 * ref['acc_gap'][i]:+7.2f}"
+                lines.append(line)
     return "\n".join(lines)

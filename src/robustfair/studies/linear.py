@@ -174,9 +174,10 @@ class _Bank:
             self.b.copy_(old_b + scale.view(-1, 1) * (self.b - old_b))
 
     @torch.no_grad()
-    def val_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        """(S,) clean mean CE."""
-        return F.softplus(-self.margins(x, y)).mean(1)
+    def val_loss(self, x: Tensor, y: Tensor, robust: bool = False) -> Tensor:
+        """(S,) mean CE, clean or (``robust``) at each model's worst-case point."""
+        m = self.adversarial_margins(x, y) if robust else self.margins(x, y)
+        return F.softplus(-m).mean(1)
 
     @torch.no_grad()
     def predict(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -190,7 +191,8 @@ def fit_linear_bank(
     device: torch.device | str = "cpu",
 ) -> list[Fit]:
     """Train one linear model per (method, learning rate) with the closed-form attack and early
-    stopping on the clean validation loss (each model stops on its own); return their fits."""
+    stopping on the validation loss (``settings.selection``, after ``settings.min_epochs``;
+    each model stops on its own); return their fits."""
     with single_thread():
         return _fit_bank(data, slices, settings, seed, torch.device(device))
 
@@ -212,7 +214,9 @@ def _fit_bank(data: DataBundle, slices: list[tuple[Method, float]], settings: Tr
         for idx in batch_order(len(y_tr), settings.batch_size, gen):
             idx = idx.to(device)
             bank.step(x_tr[idx], y_tr[idx], active)
-        val = bank.val_loss(*t["val"])
+        if not settings.eligible(epoch):
+            continue
+        val = bank.val_loss(*t["val"], robust=settings.selection == "robust")
         better = (val < best_loss) & (active > 0)
         best_loss = torch.where(better, val, best_loss)
         best_epoch = torch.where(better, torch.full_like(best_epoch, epoch), best_epoch)

@@ -4,7 +4,11 @@ clean validation loss (Hu et al., ICML 2023, arXiv:2211.15762; specs part_atad �
 Per epoch: shuffle, and for every batch one optimizer step on CE(f(x_adv), y) (x_adv = x for
 standard training); then the clean mean CE on the validation split. The weights with the lowest
 validation loss are kept; training stops after ``patience`` epochs without improvement or after
-``epochs`` epochs. Every learning rate of a grid starts from the same initial weights and sees the
+``epochs`` epochs. That is the official rule (``selection: clean``, ``min_epochs: 0``). Two
+options: ``selection: robust`` keeps the weights (and the learning rate) with the lowest
+*adversarial* validation loss (the training attack at the cell's ε; the same as clean for
+standard training), and ``min_epochs`` makes the first epochs ineligible, so that an adversarially
+trained model cannot be kept from before its bias has moved. Every learning rate of a grid starts from the same initial weights and sees the
 batches in the same order (the official scripts seed init and shuffling identically).
 
 ``accumulate_attack_grads`` reproduces the official update: advertorch back-propagates the
@@ -25,7 +29,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from torch import Tensor, nn
 
 from ..attacks import build_attack
@@ -51,6 +62,21 @@ class TrainSettings(BaseModel):
         description="PGD step size as a fraction of ε (official: ε/30 for ℓ∞, ε/20 for ℓ2)")
     accumulate_attack_grads: bool = Field(
         False, description="official update: the attack's loss gradients leak into the step")
+    selection: Literal["clean", "robust"] = Field(
+        "clean", description="validation loss that selects the epoch and the learning rate: "
+        "clean (official) or robust (under the training attack)")
+    min_epochs: int = Field(0, ge=0, description="epochs before a model may be selected "
+                            "(official: 0)")
+
+    @model_validator(mode="after")
+    def _min_epochs(self) -> TrainSettings:
+        if self.min_epochs > self.epochs:
+            raise ValueError(f"min_epochs ({self.min_epochs}) exceeds epochs ({self.epochs})")
+        return self
+
+    def eligible(self, epoch: int) -> bool:
+        """Whether the model after ``epoch`` (0-based) may be selected."""
+        return epoch + 1 >= self.min_epochs
 
     @field_validator("pgd_steps", "pgd_step_fraction", mode="before")
     @classmethod
@@ -201,11 +227,24 @@ def mean_ce(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> f
     return total / len(x)
 
 
+def selection_loss(model: nn.Module, step: AdversarialStep, x: Tensor, y: Tensor,
+                   batch_size: int = 1000) -> float:
+    """Mean CE on the validation split: clean, or under the training attack (``robust``)."""
+    if step.settings.selection == "clean" or step.attack is None:
+        return mean_ce(model, x, y, batch_size)
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        x_adv = step.attack(model, xb, yb, step.method.eps)
+        total += mean_ce(model, x_adv, yb, batch_size) * len(xb)
+    return total / len(x)
+
+
 def fit_network(
     build: Callable[[], nn.Module], data: DataBundle, method: Method, lr: float,
     settings: TrainSettings, seed: int, device: torch.device | str = "cpu",
 ) -> Fit:
-    """Train one network with early stopping on the clean validation loss (see module doc)."""
+    """Train one network with early stopping on the validation loss (see module doc)."""
     device = torch.device(device)
     t = split_tensors(data, device)
     torch.manual_seed(seed)
@@ -223,7 +262,9 @@ def fit_network(
             opt.zero_grad(set_to_none=True)
             step.loss(model, x_tr[idx], y_tr[idx]).backward()
             opt.step()
-        val = mean_ce(model, *t["val"])
+        if not settings.eligible(epoch):
+            continue
+        val = selection_loss(model, step, *t["val"])
         if val < best[0]:
             best = (val, epoch, copy.deepcopy(model.state_dict()))
         if epoch - best[1] >= settings.patience:
