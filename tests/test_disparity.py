@@ -107,7 +107,7 @@ def test_stable_mixture_splits_sizes_and_nesting():
     assert torch.equal(b5.train.x[:200], b1.train.x[:200])
     assert torch.equal(b5.train.x[200:], b1.train.x[200:240])
     # class means ±μ·1
-    mu = b1.extra["mu"]
+    mu = float(b1.extra["mixture"].mu[0])
     assert b1.extra["test_balanced"].x[:100].mean() < -mu / 2 < 0 < mu / 2 < b1.extra[
         "test_balanced"].x[100:].mean()
 

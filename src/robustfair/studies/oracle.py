@@ -14,7 +14,7 @@ p_1 = 1/(R + 1) of the training distribution:
 - ``zero_one`` (any α): 1 − F_α(a_y / (c_y‖w ⊙ σ‖_α)), the robust error (F_α exact for α = 2
   and 1, interpolated from a table of scipy's ``levy_stable`` otherwise).
 
-Both are minimised numerically (L-BFGS from the Bayes direction w = μ/σ²). With ε = 0 and equal
+Both are minimised numerically (L-BFGS-B from the Bayes direction w = μ/σ²). With ε = 0 and equal
 class scales the ``ce`` optimum is the Bayes rule. The gaps are then AD(robust) − AD(standard)
 (per-class accuracies, i.e. the balanced test set) and acc(standard) − acc(robust) with the
 priors of the imbalanced test set.
@@ -98,25 +98,25 @@ def population_loss(w: torch.Tensor, b: torch.Tensor, mix: Mixture, prior1: floa
 
 def optimal_linear_rule(mix: Mixture, prior1: float, eps: float = 0.0, norm: str = "linf",
                         loss: Loss = "ce", iters: int = 500) -> tuple[np.ndarray, float]:
-    """(w, b) minimising :func:`population_loss` (L-BFGS in float64 over one weight per group
-    of equal coordinates, from the Bayes direction w = μ/σ²)."""
+    """(w, b) minimising :func:`population_loss`: scipy's L-BFGS-B with torch gradients in
+    float64, over one weight per group of equal coordinates, from the Bayes direction
+    w = μ/σ²."""
+    from scipy.optimize import minimize
+
     mu, sigma, counts, inverse = _groups(mix)
-    w = torch.tensor(mu / (sigma**2 * max(mix.class_scale) ** 2), dtype=torch.float64,
-                     requires_grad=True)
-    b = torch.tensor(math.log(prior1 / (1.0 - prior1)), dtype=torch.float64, requires_grad=True)
     n = torch.as_tensor(counts)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, tolerance_grad=1e-12,
-                            tolerance_change=1e-15, history_size=20,
-                            line_search_fn="strong_wolfe")
+    w0 = mu / (sigma**2 * max(mix.class_scale) ** 2)
+    x0 = np.append(w0, math.log(prior1 / (1.0 - prior1)))
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        value = population_loss(w, b, mix, prior1, eps, norm, loss, n, mu, sigma)
-        value.backward()
-        return value
+    def value_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
+        xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        value = population_loss(xt[:-1], xt[-1], mix, prior1, eps, norm, loss, n, mu, sigma)
+        (g,) = torch.autograd.grad(value, [xt])
+        return float(value.detach()), g.numpy()
 
-    opt.step(closure)
-    return w.detach().numpy()[inverse].copy(), float(b.detach())
+    res = minimize(value_and_grad, x0, jac=True, method="L-BFGS-B",
+                   options={"maxiter": iters, "ftol": 1e-15, "gtol": 1e-12})
+    return res.x[:-1][inverse].copy(), float(res.x[-1])
 
 
 def _summary(mix: Mixture, w: np.ndarray, b: float, ratio: float) -> dict[str, float]:
