@@ -4,12 +4,14 @@ clean validation loss (Hu et al., ICML 2023, arXiv:2211.15762; specs part_atad Â
 Per epoch: shuffle, and for every batch one optimizer step on CE(f(x_adv), y) (x_adv = x for
 standard training); then the clean mean CE on the validation split. The weights with the lowest
 validation loss are kept; training stops after ``patience`` epochs without improvement or after
-``epochs`` epochs. That is the official rule (``selection: clean``, ``min_epochs: 0``). Two
+``epochs`` epochs. Every learning rate of a grid starts from the same initial weights and sees the
+batches in the same order (the official scripts seed init and shuffling identically).
+
+Model selection: the official rule is the default (``selection: clean``, ``min_epochs: 0``). Two
 options: ``selection: robust`` keeps the weights (and the learning rate) with the lowest
 *adversarial* validation loss (the training attack at the cell's Îµ; the same as clean for
 standard training), and ``min_epochs`` makes the first epochs ineligible, so that an adversarially
-trained model cannot be kept from before its bias has moved. Every learning rate of a grid starts from the same initial weights and sees the
-batches in the same order (the official scripts seed init and shuffling identically).
+trained model cannot be kept from before its bias has moved.
 
 ``accumulate_attack_grads`` reproduces the official update: advertorch back-propagates the
 attack's losses into the parameters before the training loss is added, so the step follows
@@ -194,7 +196,7 @@ class AdversarialStep:
                 f"pgd{settings.pgd_steps[method.norm]}")
             step = method.eps * settings.pgd_step_fraction[method.norm]
             # unbounded inputs (synthetic mixtures) are not clipped to [0, 1]
-            self.attack = build_attack(spec, method.norm, step_size=step, clip=bounded)
+            self.attack = build_attack(spec, method.norm, step_size=step, bounded=bounded)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if self.attack is None:
