@@ -45,9 +45,9 @@ def study_settings(alpha: float, quick: bool, preset: str = "figure1",
     raw = study_preset("stable-mixture", alpha, preset)
     raw["train"].update(selection=selection, min_epochs=min_epochs)
     if quick:
-        raw.update(seeds=[2, 22, 42], ratios=[1, 5, 20], lrs_standard=[1e-2, 1e-3],
-                   lrs_robust=[1e-2, 1e-3])
-        raw["train"].update(epochs=60, patience=10)
+        raw.update(seeds=[2, 22, 42], ratios=[1, 5, 10], lrs_standard=[1e-2], lrs_robust=[1e-2])
+        raw["data_params"].update(n_major=2000, n_val_major=500)
+        raw["train"].update(epochs=40, patience=10)
     return raw
 
 
@@ -107,8 +107,8 @@ def findings(summary: dict[str, dict[str, Any]], ratios: list[float]) -> list[st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 seeds, R in {1, 5, 20}, 2 learning "
-                    "rates, at most 60 epochs (patience 10)")
+    ap.add_argument("--quick", action="store_true", help="3 seeds, R in {1, 5, 10}, learning "
+                    "rate 0.01, N = 2000, at most 40 epochs (patience 10)")
     ap.add_argument("--preset", choices=["figure1", "official"], default="figure1")
     ap.add_argument("--selection", choices=["clean", "robust"], default="clean",
                     help="validation loss that selects epoch and lr (official: clean)")
