@@ -20,7 +20,7 @@ from robustfair.data import load_data
 from robustfair.data.stable_mixture import StableMixtureParams, make_stable_mixture
 from robustfair.engine.checks import run_checks
 from robustfair.errors import UserError
-from robustfair.studies.disparity import build_study_config, run_disparity_study
+from robustfair.studies.disparity import build_study_config, closed_form, run_disparity_study
 from robustfair.studies.linear import affine_params, fit_linear_bank
 from robustfair.studies.oracle import optimal_linear_rule
 from robustfair.studies.presets import study_preset
@@ -114,7 +114,7 @@ def test_figure1_preset_shows_the_standard_accuracy_drop_at_R1(tmp_path):
     assert "μ = 0.8×20, 2×80" in saved["data"] and saved["preset"] == "figure1"
     assert "standard error" in saved["caption"] and saved["closed_form"]["loss"] == "ce"
     # the official scalar mixture has no such drop: the robust rule keeps the Bayes direction
-    off = run_disparity_study.__globals__["closed_form"](build_study_config(
+    off = closed_form(build_study_config(
         {**study_preset("stable-mixture", 2), "ratios": [1], "norms": ["linf"],
          "eps": {"linf": [1.0]}}))
     assert abs(off["gaps"]["linf"][0]["acc_gap"][0]) < 1e-3

@@ -106,7 +106,11 @@ def optimal_linear_rule(mix: Mixture, prior1: float, eps: float = 0.0, norm: str
     mu, sigma, counts, inverse = _groups(mix)
     n = torch.as_tensor(counts)
     w0 = mu / (sigma**2 * max(mix.class_scale) ** 2)
-    x0 = np.append(w0, math.log(prior1 / (1.0 - prior1)))
+    b0 = math.log(prior1 / (1.0 - prior1))
+    if loss == "zero_one":  # scale-free loss: start at noise scale 1, so b is well conditioned
+        w0 = w0 / ((counts * np.abs(w0 * sigma) ** mix.alpha).sum() ** (1.0 / mix.alpha))
+        b0 = 0.0
+    x0 = np.append(w0, b0)
 
     def value_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
@@ -114,9 +118,27 @@ def optimal_linear_rule(mix: Mixture, prior1: float, eps: float = 0.0, norm: str
         (g,) = torch.autograd.grad(value, [xt])
         return float(value.detach()), g.numpy()
 
-    res = minimize(value_and_grad, x0, jac=True, method="L-BFGS-B",
-                   options={"maxiter": iters, "ftol": 1e-15, "gtol": 1e-12})
-    return res.x[:-1][inverse].copy(), float(res.x[-1])
+    def fit(x: np.ndarray) -> np.ndarray:
+        return minimize(value_and_grad, x, jac=True, method="L-BFGS-B",
+                        options={"maxiter": iters, "ftol": 1e-15, "gtol": 1e-12}).x
+
+    x = fit(x0)
+    if loss == "zero_one":  # kinks (|w_j| = 0) can stop L-BFGS early: refit b alone, then again
+        for _ in range(2):
+            x = x / (counts * np.abs(x[:-1] * sigma) ** mix.alpha).sum() ** (1.0 / mix.alpha)
+            x[-1] = _best_bias(lambda b, w=x[:-1]: value_and_grad(np.append(w, b))[0])
+            x = fit(x)
+    return x[:-1][inverse].copy(), float(x[-1])
+
+
+def _best_bias(risk: Any) -> float:
+    """The bias minimising a 1-D risk: a coarse grid over ±100 noise scales, then Brent."""
+    from scipy.optimize import minimize_scalar
+
+    grid = np.concatenate([-np.logspace(2, -3, 60), [0.0], np.logspace(-3, 2, 60)])
+    k = int(np.argmin([risk(b) for b in grid]))
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    return float(minimize_scalar(risk, bounds=(lo, hi), method="bounded").x)
 
 
 def _summary(mix: Mixture, w: np.ndarray, b: float, ratio: float) -> dict[str, float]:
