@@ -14,7 +14,10 @@ p_1 = 1/(R + 1) of the training distribution:
 - ``zero_one`` (any α): 1 − F_α(a_y / (c_y‖w ⊙ σ‖_α)), the robust error (F_α exact for α = 2
   and 1, interpolated from a table of scipy's ``levy_stable`` otherwise).
 
-Both are minimised numerically (L-BFGS-B from the Bayes direction w = μ/σ²). With ε = 0 and equal
+The ``zero_one`` optimum is that of the robust *error*, not of what training minimises: when
+even the best robust rule errs more often than the minority class occurs, it is (nearly) the
+constant rule "always the majority", and its AD gap approaches 100 points. Both are minimised
+numerically (L-BFGS-B from the Bayes direction w = μ/σ²). With ε = 0 and equal
 class scales the ``ce`` optimum is the Bayes rule. The gaps are then AD(robust) − AD(standard)
 (per-class accuracies, i.e. the balanced test set) and acc(standard) − acc(robust) with the
 priors of the imbalanced test set.
