@@ -149,7 +149,8 @@ class FRL(Policy):
             return p.attack
         from ..attacks import build_attack
 
-        return build_attack(p.attack, self.ctx.norm, step_size=p.val_step * float(self.ctx.eps))
+        return build_attack(p.attack, self.ctx.norm, step_size=p.val_step * float(self.ctx.eps),
+                            bounded=getattr(self.ctx, "bounded", True))
 
     def update(self, clean: Tensor, robust: Tensor, clean_avg: float, robust_avg: float) -> None:
         """One multiplier step from per-class clean and robust validation accuracy."""
