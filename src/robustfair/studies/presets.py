@@ -86,7 +86,7 @@ def study_preset(dataset: str, alpha: float | None = None, preset: str = "offici
     raw: dict[str, Any] = {"dataset": dataset, "ratios": [1, 2, 5, 10], "seeds": list(SEEDS),
                            "lrs_standard": list(LR_GRID), "lrs_robust": list(LR_GRID),
                            "preset": preset}
-    raw.update({k: v for k, v in base.items() if k != "eps_grid"})
+    raw.update(copy.deepcopy({k: v for k, v in base.items() if k != "eps_grid"}))
     grid = base.get("eps_grid")
     if dataset == "stable-mixture":
         a = 2.0 if alpha is None else float(alpha)
