@@ -186,17 +186,20 @@ def summary_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_heatmap(p: Tensor, names: list[str], path: Path, title: str) -> None:
-    """The similarity matrix as a PNG heatmap (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def similarity_figure(p: Tensor, names: list[str], title: str, attack: str) -> Any:
+    """The similarity matrix as a heatmap in percent (a matplotlib Figure, Agg canvas): the
+    cells and the colour bar share the 0–100 % scale, and the colour bar says what it
+    measures."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     c = len(names)
     size = max(4.0, min(16.0, 0.45 * c + 2))
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    im = ax.imshow(p.numpy(), cmap="viridis", vmin=0, vmax=1)
+    fig = Figure(figsize=(size + 1.0, size * 0.85), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    pct = 100 * p.double().numpy()
+    im = ax.imshow(pct, cmap="viridis", vmin=0, vmax=100)
     ax.set_xlabel("class j (softmax under attack)")
     ax.set_ylabel("true class i")
     ax.set_title(title)
@@ -205,14 +208,26 @@ def save_heatmap(p: Tensor, names: list[str], path: Path, title: str) -> None:
         ax.set_yticks(range(c), names)
         for i in range(c):
             for j in range(c):
-                v = float(p[i, j])
-                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
-                        color="black" if v > 0.5 else "white")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                v = float(pct[i, j])
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                        color="black" if v > 50 else "white")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label(f"p_i(j): mean softmax probability of class j\nfor class-i images "
+                   f"under {attack} (%)")
+    return fig
+
+
+def save_heatmap(p: Tensor, names: list[str], path: Path, title: str,
+                 attack: str = "the attack") -> None:
+    """Write :func:`similarity_figure` as a PNG (atomically)."""
+    import io
+
+    from ..engine.io import atomic_write_bytes
+
+    fig = similarity_figure(p, names, title, attack)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _load_run(run_dir: Path) -> tuple[Any, Any, nn.Module, torch.device]:
@@ -290,7 +305,8 @@ def analyze_class_distance(run_dir: str | Path, attack: str = "pgd20", n: int | 
     out = run_dir / "analysis"
     atomic_write_json(out / "class_distance.json", result)
     save_heatmap(stats["similarity"], names, out / "class_distance.png",
-                 f"class similarity under {attack}")
+                 f"class similarity under {attack} (ε {eps:.4g}, {norm}, n {len(split)})",
+                 attack)
     if not quiet:
         log.info("%s\nsaved: %s, %s", summary_text(result), out / "class_distance.json",
                  out / "class_distance.png")

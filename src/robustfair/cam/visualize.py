@@ -2,7 +2,8 @@
 
 ``robustfair analyze RUN --cam`` calls :func:`analyze_cam`. For a run trained with the ``pixel``
 budget the grid uses that budget's settings (CAM method, layer, mask, ε_low); for any other run
-it shows what PART's defaults (GradCAM, jet mask, ε_low = 7/8·ε) would give on its model.
+it shows, labelled as hypothetical, what PART's defaults (GradCAM, jet mask, ε_low = 7/8·ε)
+would give on its model, and logs a warning that the run never used such a map.
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ def _load_run(run_dir: Path) -> Any:
     return trainer
 
 
-def _pixel_budget(trainer: Any) -> Any:
+def _pixel_budget(trainer: Any) -> tuple[Any, bool]:
+    """The run's pixel budget, or PART's defaults for another run; and whether it is the run's."""
     from ..budgets.pixel import Pixel, PixelParams
 
     if isinstance(trainer.budget, Pixel):
-        return trainer.budget
+        return trainer.budget, True
     eps = float(trainer.cfg.attack.eps)
-    return Pixel(PixelParams(eps_low=eps * 7 / 8), ctx=None)
+    return Pixel(PixelParams(eps_low=eps * 7 / 8), ctx=None), False
 
 
 def cam_panels(model: torch.nn.Module, budget: Any, x: Tensor, eps: float
@@ -69,22 +71,38 @@ def _to_hwc(img: Tensor) -> Any:
     return a[0].numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()
 
 
-def save_grid(path: Path, x: Tensor, y: Tensor, panels: dict[str, Tensor],
-              class_names: list[str], title: str) -> Path:
-    """Draw rows of (image, CAM overlay, ε map) and write the PNG atomically."""
-    import io
+def _uniform_text(eps_map: Tensor, eps: float, eps_low: float) -> str | None:
+    """``None`` when the map varies; else what the single value is."""
+    lo, hi = float(eps_map.min()), float(eps_map.max())
+    if hi - lo > 1e-9 * max(eps, 1e-12):
+        return None
+    if abs(lo - eps) <= 1e-9 * max(eps, 1e-12):
+        return f"uniform: ε = {eps:.4g}\nat every pixel"
+    if abs(lo - eps_low) <= 1e-9 * max(eps, 1e-12):
+        return f"uniform: ε_low = {eps_low:.4g}\nat every pixel"
+    return f"uniform: {lo:.4g}\nat every pixel"
 
+
+def cam_figure(x: Tensor, y: Tensor, panels: dict[str, Tensor], class_names: list[str],
+               title: str, eps: float, eps_low: float, hypothetical: bool = False) -> Any:
+    """Rows of (image, CAM overlay, ε map) as a matplotlib Figure (Agg canvas).
+
+    The ε map shows ε per pixel (the mean over channels for colour images) on one colour scale
+    from ε_low to ε, with a colour bar; a map that is one value everywhere says so in its
+    panel. ``hypothetical`` labels the maps as PART's defaults on a run that has no pixel
+    budget."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..engine.io import atomic_write_bytes
-
     n = len(x)
-    fig = Figure(figsize=(6.6, 2.2 * n + 0.6))
+    fig = Figure(figsize=(7.6, 2.1 * n + 1.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(n, 3, squeeze=False)
     jet = matplotlib.colormaps["jet"]
+    vmax = eps if eps > eps_low else eps_low + 1e-6
+    channels = x.shape[1]
+    im = None
     for i in range(n):
         img = _to_hwc(x[i])
         grey = img.ndim == 2
@@ -95,16 +113,42 @@ def save_grid(path: Path, x: Tensor, y: Tensor, panels: dict[str, Tensor],
                         fontsize=8)
         ax[1].imshow(img, cmap="gray" if grey else None, vmin=0, vmax=1)
         ax[1].imshow(jet(panels["cam"][i].cpu().numpy())[..., :3], alpha=0.5)
-        ax[1].set_title("CAM (predicted class)", fontsize=8)
-        w = panels["weights"][i]
-        ax[2].imshow(_to_hwc(w), cmap="gray" if w.shape[0] == 1 else None, vmin=0, vmax=1)
-        mean_eps = float(panels["eps_map"][i].mean())
-        ax[2].set_title(f"ε map, mean {mean_eps:.4f}", fontsize=8)
+        ax[1].set_title("CAM of the prediction (red: high)", fontsize=8)
+        emap = panels["eps_map"][i].detach().cpu().double()
+        im = ax[2].imshow(emap.mean(0).numpy(), cmap="viridis", vmin=eps_low, vmax=vmax)
+        what = "hypothetical ε map" if hypothetical else "ε map"
+        ax[2].set_title(f"{what}, mean {float(emap.mean()):.4g}", fontsize=8)
+        uniform = _uniform_text(emap, eps, eps_low)
+        if uniform is not None:
+            ax[2].text(0.5, 0.5, uniform, transform=ax[2].transAxes, ha="center",
+                       va="center", fontsize=7, color="white",
+                       bbox={"facecolor": "black", "alpha": 0.55, "lw": 0})
         for a in ax:
             a.set_xticks([])
             a.set_yticks([])
-    fig.suptitle(title + "\nε map: a lit channel keeps ε there, black is ε_low", fontsize=9)
-    fig.tight_layout()
+    assert im is not None
+    cbar = fig.colorbar(im, ax=list(axes[:, 2]), shrink=min(1.0, 0.5 + 0.1 * n))
+    cbar.set_ticks([eps_low, vmax], labels=[f"ε_low {eps_low:.4g}", f"ε {eps:.4g}"])
+    cbar.ax.tick_params(labelsize=8)
+    cbar.set_label("ε per pixel" + (f" (mean of {channels} channels)" if channels > 1 else ""),
+                   fontsize=8)
+    legend = ("ε map: colour from ε_low (dark) to ε (bright), see the colour bar")
+    if hypothetical:
+        legend = (f"this run has no pixel budget: hypothetical ε maps with PART's defaults "
+                  f"(ε_low = 7/8·ε = {eps_low:.4g})\n" + legend)
+    fig.suptitle(f"{title}\n{legend}", fontsize=9)
+    return fig
+
+
+def save_grid(path: Path, x: Tensor, y: Tensor, panels: dict[str, Tensor],
+              class_names: list[str], title: str, eps: float, eps_low: float,
+              hypothetical: bool = False) -> Path:
+    """Draw :func:`cam_figure` and write the PNG atomically."""
+    import io
+
+    from ..engine.io import atomic_write_bytes
+
+    fig = cam_figure(x, y, panels, class_names, title, eps, eps_low, hypothetical)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, buf.getvalue())
@@ -132,12 +176,17 @@ def analyze_cam(run_dir: str | Path, n: int | None = None, quiet: bool = False) 
     idx = torch.linspace(0, len(test) - 1, min(n, len(test))).round().long()
     x = test.images(idx).to(trainer.device)
     y = test.y[idx]
-    budget = _pixel_budget(trainer)
+    budget, own = _pixel_budget(trainer)
     eps = float(trainer.cfg.attack.eps)
+    if not own:
+        log.warning("warning: %s has no pixel budget (PART); the ε maps are hypothetical, with "
+                    "PART's defaults (%s, mask %s, ε_low = 7/8·ε = %.4g), and say so",
+                    run_dir, budget.cam, budget.mask, budget.eps_low)
     panels = cam_panels(trainer.eval_model(), budget, x, eps)
     title = (f"{trainer.cfg.name}: {budget.cam} on {panels['layer']}, mask {budget.mask}, "
              f"ε {eps:.4f}, ε_low {budget.eps_low:.4f}")
-    path = save_grid(run_dir / GRID_NAME, x, y, panels, trainer.data.class_names, title)
+    path = save_grid(run_dir / GRID_NAME, x, y, panels, trainer.data.class_names, title, eps,
+                     budget.eps_low, hypothetical=not own)
     if not quiet:
         w = panels["weights"]
         log.info("%d images; full ε on %.1f%% of the entries, mean weight %.3f (0: ε_low, 1: ε)",

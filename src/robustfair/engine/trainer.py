@@ -176,6 +176,7 @@ class Trainer:
         self.last_val: dict[str, Any] = {}
         self._stats_stash: dict[str, Tensor] | None = None
         self._resumed_stats: dict[str, Tensor] | None = None
+        self._adv_seen = False
 
     def build_model(self, name: str, **params: Any) -> nn.Module:
         d = self.data
@@ -353,6 +354,7 @@ class Trainer:
                 stats["clean_correct"] += torch.bincount(
                     y, weights=(out.logits_clean.argmax(1) == y).float(), minlength=c)
             if out.logits_adv is not None:
+                self._adv_seen = True
                 stats["adv_correct"] += torch.bincount(
                     y, weights=(out.logits_adv.argmax(1) == y).float(), minlength=c)
         if "train_batches" in self.policy.needs:
@@ -429,6 +431,7 @@ class Trainer:
             stats = self._restore_stats()
         t0 = time.perf_counter()
         seen = 0
+        self._adv_seen = False  # no adversarial logits (standard training): no adv accuracy
         bar = None
         if not self.quiet:
             from tqdm.auto import tqdm
@@ -471,11 +474,14 @@ class Trainer:
             "epoch": e, "lr": lr, "global_step": self.global_step,
             "train_loss": float(stats["loss"] / cnt.sum()),
             "train_clean_acc": float(stats["clean_correct"].sum() / cnt.sum()),
-            "train_adv_acc": float(stats["adv_correct"].sum() / cnt.sum()),
+            "train_adv_acc": (float(stats["adv_correct"].sum() / cnt.sum())
+                              if self._adv_seen or bool(stats["adv_correct"].any()) else None),
             "images_per_s": float(stats["count"].sum()) / max(train_time, 1e-9),
             "time_s": train_time,
             "val": val,
         }
+        if line["train_adv_acc"] is None:
+            del line["train_adv_acc"]
         pol, smp = self.policy.log(), self.sampler.log()
         if pol:
             line["policy"] = pol
@@ -556,7 +562,8 @@ def _brief(s: dict[str, Any]) -> dict[str, Any]:
 
 def _tb_write(writer: Any, line: dict[str, Any], step: int) -> None:
     for k in ("train_loss", "train_clean_acc", "train_adv_acc", "lr", "images_per_s"):
-        writer.add_scalar(f"train/{k}", line[k], step)
+        if k in line:
+            writer.add_scalar(f"train/{k}", line[k], step)
     for part, v in line.get("val", {}).items():
         if isinstance(v, dict):
             writer.add_scalar(f"val/{part}_avg", v["avg"], step)

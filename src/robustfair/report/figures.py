@@ -42,29 +42,41 @@ def _nan(values: Sequence[Any]) -> np.ndarray:
 
 
 def training_curves(epochs: Sequence[int], loss: Sequence[Any],
-                    acc: dict[str, Sequence[Any]]) -> Figure:
-    """Training loss and validation accuracy (overall and worst class) against epochs.
+                    acc: dict[str, Sequence[Any]],
+                    train_acc: dict[str, Sequence[Any]] | None = None) -> Figure:
+    """Training loss and accuracy against epochs.
+
+    The right panel shows the validation accuracy (overall and worst class) when the run
+    validated, else the accuracy on the training batches (``train_acc``), else nothing: no
+    empty panel is drawn.
 
     Args:
         epochs: epoch numbers.
         loss: training loss per epoch.
-        acc: label → accuracy per epoch in [0, 1]; labels ending in "worst class" are dashed.
+        acc: label → validation accuracy per epoch in [0, 1]; labels ending in "worst class"
+            are dashed.
+        train_acc: label → accuracy on the training batches per epoch in [0, 1].
     """
-    fig = new_figure((11, 3.6))
-    ax1, ax2 = fig.subplots(1, 2)
+    right = acc or train_acc or {}
+    fig = new_figure((11, 3.6) if right else (6, 3.6))
+    axes = np.atleast_1d(fig.subplots(1, 2 if right else 1))
+    ax1 = axes[0]
     ax1.plot(epochs, _nan(loss), marker="o", color="#444")
     ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
-    colors: dict[str, Any] = {}
-    for label, values in acc.items():
-        worst = label.endswith("worst class")
-        key = label.rsplit(":", 1)[0]
-        color = colors.setdefault(key, f"C{len(colors)}")
-        ax2.plot(epochs, 100 * _nan(values), "--" if worst else "-", marker="o", label=label,
-                 color=color)
-    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy", ylim=(0, 100))
-    if acc:
+    if right:
+        ax2 = axes[1]
+        colors: dict[str, Any] = {}
+        for label, values in right.items():
+            worst = label.endswith("worst class")
+            key = label.rsplit(":", 1)[0]
+            color = colors.setdefault(key, f"C{len(colors)}")
+            ax2.plot(epochs, 100 * _nan(values), "--" if worst else "-", marker="o",
+                     label=label, color=color)
+        title = ("validation accuracy" if acc else
+                 "accuracy on the training batches (validation is off)")
+        ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=title, ylim=(0, 100))
         ax2.legend(fontsize=8)
-    for ax in (ax1, ax2):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     return fig
@@ -96,14 +108,16 @@ def class_bars(names: Sequence[str], clean: Sequence[Any], robust: Sequence[Any]
 
 
 def heatmap(matrix: np.ndarray, names: Sequence[str], title: str, xlabel: str, ylabel: str,
-            annotate: bool = True, fmt: str = "{:.2f}") -> Figure:
-    """A square matrix as a heatmap (annotated with its values when small enough)."""
+            annotate: bool = True, fmt: str = "{:.2f}", cbar_label: str = "") -> Figure:
+    """A square matrix as a heatmap (annotated with its values when small enough); the colour
+    bar carries ``cbar_label``."""
     c = len(names)
     size = max(4.0, min(10.0, 0.4 * c + 1.5))
     fig = new_figure((size + 1, size))
     ax = fig.subplots()
     im = ax.imshow(matrix, cmap="viridis")
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    cbar = fig.colorbar(im, ax=ax, shrink=0.8)
+    cbar.set_label(cbar_label, fontsize=8)
     ticks = np.arange(c)
     ax.set_xticks(ticks, [str(n) for n in names], rotation=90 if c > 15 else 0, fontsize=7)
     ax.set_yticks(ticks, [str(n) for n in names], fontsize=7)
@@ -181,10 +195,11 @@ def state_over_epochs(epochs: Sequence[int], series: dict[str, np.ndarray],
         ax.set(title=key, xlabel="epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        if 1 < values.shape[1] <= 20:
-            ax.legend(fontsize=6, ncol=2)
+        if 1 < values.shape[1] <= 20:  # beside the panel, never over the lines
+            ax.legend(fontsize=6, ncol=1 if values.shape[1] <= 10 else 2, loc="upper left",
+                      bbox_to_anchor=(1.01, 1), borderaxespad=0)
     for ax in axes[len(keys):]:
-        ax.set_visible(False)
+        ax.remove()
     return fig
 
 

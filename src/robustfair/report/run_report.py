@@ -197,14 +197,38 @@ def _training(ctx: _Ctx) -> str:
         if any(part in ln.get("val", {}) for ln in lines):
             acc[f"{label}: average"] = [_get(ln, "val", part, "avg") for ln in lines]
             acc[f"{label}: worst class"] = [_get(ln, "val", part, "worst") for ln in lines]
-    fig = figures.training_curves(epochs, [ln.get("train_loss") for ln in lines], acc)
-    body = image(figures.to_base64(fig), "training loss and validation accuracy")
-    body += details("numbers per epoch", _training_table(lines, robust_name),
+    adversarial = _adversarial_training(ctx.rf.config, lines)
+    train_acc: dict[str, list[Any]] = {}
+    for key, label in (("train_clean_acc", "clean (training batches)"),
+                       ("train_adv_acc", "adversarial (training batches)")):
+        if (key != "train_adv_acc" or adversarial) and any(key in ln for ln in lines):
+            train_acc[label] = [ln.get(key) for ln in lines]
+    fig = figures.training_curves(epochs, [ln.get("train_loss") for ln in lines], acc,
+                                  train_acc)
+    body = "" if acc else para("This run did not validate (validation.every = 0 or no "
+                               "validation split): the accuracy shown is measured on the "
+                               "training batches as they were trained.", "note")
+    body += image(figures.to_base64(fig), "training loss and accuracy")
+    body += details("numbers per epoch", _training_table(lines, robust_name, adversarial),
                     open_=len(lines) <= 12)
     return body
 
 
-def _training_table(lines: list[dict[str, Any]], robust_name: str) -> str:
+def _adversarial_training(cfg: dict[str, Any] | None, lines: list[dict[str, Any]]) -> bool:
+    """Whether the run trained on adversarial examples (so that the accuracy on them means
+    something): not for the ``standard`` objective, ε = 0 or no attack step."""
+    if not any("train_adv_acc" in ln for ln in lines):
+        return False
+    if cfg is None:
+        return True
+    objective = _get(cfg, "method", "objective")
+    name = objective.get("name") if isinstance(objective, dict) else objective
+    return not (name == "standard" or _get(cfg, "attack", "eps") == 0
+                or _get(cfg, "attack", "steps") == 0)
+
+
+def _training_table(lines: list[dict[str, Any]], robust_name: str,
+                    adversarial: bool = True) -> str:
     cols: list[tuple[str, tuple[str, ...], str]] = [
         ("lr", ("lr",), "num"), ("train loss", ("train_loss",), "num"),
         ("train clean acc", ("train_clean_acc",), "pct"),
@@ -217,7 +241,8 @@ def _training_table(lines: list[dict[str, Any]], robust_name: str) -> str:
         ("worst class ", ("val", "robust", "worst_class"), "int"),
         ("img/s", ("images_per_s",), "num"),
     ]
-    cols = [c for c in cols if any(_get(ln, *c[1]) is not None for ln in lines)]
+    cols = [c for c in cols if any(_get(ln, *c[1]) is not None for ln in lines)
+            and (adversarial or c[1] != ("train_adv_acc",))]
     rows = []
     for i, ln in enumerate(lines):
         row: list[Any] = [Num(ln.get("epoch", i + 1), f"{LOG}#{pointer(i, 'epoch')}", "int")]
@@ -314,7 +339,8 @@ def _confusion(ctx: _Ctx) -> str:
     ctx.data["confusion"] = conf
     rows_arr = np.array([[np.nan if v is None else v for v in r] for r in conf["rows"]])
     fig = figures.heatmap(rows_arr, ctx.names, f"confusion under {attack} (row-normalised)",
-                          "predicted class", "true class")
+                          "predicted class", "true class",
+                          cbar_label=f"fraction of the true class\npredicted as j under {attack}")
     body = image(figures.to_base64(fig), f"confusion matrix under {attack}")
     rows = [[name] + [Num(v, f"{DATA}#{pointer('confusion', 'counts', i, j)}", "int",
                           "worst" if i != j and v == max(r[:i] + r[i + 1:] or [0]) and v > 0
@@ -336,6 +362,8 @@ def _similarity(ctx: _Ctx) -> str:
         mat = _get(data, *path)
         src = f"{rel}#{pointer(*path)}"
         what = f"read from {rel}, key {'/'.join(path)!r} (written by 'robustfair analyze')"
+        atk = data.get("attack", "the attack") if isinstance(data, dict) else "the attack"
+        cbar = f"P[i][j] under {atk}:\nmean softmax probability of class j"
     else:
         attack = _matrix_attack(ctx)
         if attack is None:
@@ -348,11 +376,12 @@ def _similarity(ctx: _Ctx) -> str:
         what = (f"computed from the evaluation matrix under {attack}: P[i][j] is the fraction of "
                 f"class-i test images predicted as class j, the argmax form of DAFA's class "
                 f"similarity (mean adversarial prediction of class i)")
+        cbar = f"P[i][j] under {attack}:\nfraction of class i predicted as j"
     arr = np.array([[np.nan if v is None else float(v) for v in r] for r in mat])
     off = arr.copy()
     np.fill_diagonal(off, np.nan)
     fig = figures.heatmap(off, ctx.names, "class similarity (diagonal left out)", "class j",
-                          "class i", annotate=False)
+                          "class i", annotate=False, cbar_label=cbar)
     body = para(f"Class similarity {what}.", "note")
     body += image(figures.to_base64(fig), "class-similarity heatmap")
     body += _top_pairs(arr, ctx.names, src)
@@ -562,15 +591,22 @@ def _method_state(ctx: _Ctx) -> str:
         arrays = {"/".join([s["part"], *s["path"]]): derive.as_array(s["values"])
                   for s in series}
         names_for = {k: _state_names(s, ctx) for k, s in zip(arrays, series, strict=True)}
+        # a quantity that never changes (e.g. DAFA's warm-up length) is a setting: a table
+        # row, not a flat line
+        constant = [k for k, a in arrays.items() if len(a) > 1 and np.all(a == a[0])]
+        moving = [k for k in arrays if k not in constant]
+        by_key = dict(zip(arrays, series, strict=True))
         epochs = series[0]["epochs"]
-        if all(s["epochs"] == epochs for s in series):
-            fig = figures.state_over_epochs(epochs, arrays, names_for)
+        if moving and all(by_key[k]["epochs"] == epochs for k in moving):
+            fig = figures.state_over_epochs(epochs, {k: arrays[k] for k in moving}, names_for)
             body += image(figures.to_base64(fig), "method state over epochs")
         else:
-            for k, s in zip(arrays, series, strict=True):
-                fig = figures.state_over_epochs(s["epochs"], {k: arrays[k]}, names_for)
+            for k in moving:
+                fig = figures.state_over_epochs(by_key[k]["epochs"], {k: arrays[k]}, names_for)
                 body += image(figures.to_base64(fig), f"{k} over epochs")
-        for key, s in zip(arrays, series, strict=True):
+        if constant:
+            body += _constant_table(constant, by_key, names_for)
+        for key, s in by_key.items():
             body += details(f"{key} per epoch", _state_table(s, names_for[key]))
     for p in ctx.rf.cam_images:
         rel = p.relative_to(ctx.rf.run_dir)
@@ -581,6 +617,23 @@ def _method_state(ctx: _Ctx) -> str:
         "('robustfair analyze RUN_DIR --cam' writes one)")
 
 
+def _constant_table(keys: list[str], by_key: dict[str, dict[str, Any]],
+                    names_for: dict[str, list[str]]) -> str:
+    """The logged quantities that kept one value over the whole run (not plotted)."""
+    rows = []
+    for key in keys:
+        s = by_key[key]
+        first = pointer(s["lines"][0], s["part"], *s["path"])
+        values = [f"{n}: " + Num(v, f"{LOG}#{first}{pointer(*idx)}", "num").span()
+                  if len(s["index"]) > 1 else Num(v, f"{LOG}#{first}{pointer(*idx)}",
+                                                  "num").span()
+                  for n, idx, v in zip(names_for[key], s["index"], s["values"][0], strict=True)]
+        rows.append([key, Raw("; ".join(values)),
+                     f"epochs {s['epochs'][0]}–{s['epochs'][-1]}"])
+    return table(["quantity", "value", "logged"], rows, css="left",
+                 caption="unchanged over training (not plotted)")
+
+
 def _state_names(s: dict[str, Any], ctx: _Ctx) -> list[str]:
     """Column names: class or group names where the length says so, else the indices."""
     c = ctx.rf.num_classes()
@@ -588,7 +641,9 @@ def _state_names(s: dict[str, Any], ctx: _Ctx) -> list[str]:
     n_groups = _get(summary, "groups", "num_groups")
     groups = _group_names(summary, n_groups) if isinstance(n_groups, int) else []
 
-    def axis(n: int) -> list[str]:
+    def axis(n: int, prefer_groups: bool = False) -> list[str]:
+        if prefer_groups and n == len(groups) and n > 1:
+            return groups
         if n == c and c > 1:
             return ctx.names
         if n == len(groups) and n > 1:
@@ -599,7 +654,8 @@ def _state_names(s: dict[str, Any], ctx: _Ctx) -> list[str]:
         return [s["path"][-1]]
     if len(s["shape"]) == 1:
         return axis(s["shape"][0])
-    rows, cols = axis(s["shape"][0]), axis(s["shape"][1])
+    # a matrix (e.g. FairBatch's and Dr-Fairness' λ): rows are labels, columns groups
+    rows, cols = axis(s["shape"][0]), axis(s["shape"][1], prefer_groups=True)
     return [f"{rows[i]} / {cols[j]}" for i, j in s["index"]]
 
 
