@@ -414,3 +414,140 @@ def test_report_renders_in_headless_chromium(real_run: Path, tmp_path: Path) -> 
     # not blank: many colours, and the figures' dark blue bars are drawn
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 200
     assert img.std() > 20
+
+
+# ------------------------------------------------------------------------------ figures
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The matplotlib figures the report draws, in page order (kept, and drawn once)."""
+    from robustfair.report import figures as fig_mod
+
+    kept: list[Any] = []
+    original = fig_mod.to_base64
+
+    def keep(fig: Any) -> str:
+        kept.append(fig)
+        return original(fig)
+
+    monkeypatch.setattr(fig_mod, "to_base64", keep)
+    return kept
+
+
+def _titles(fig: Any) -> list[str]:
+    return [ax.get_title() for ax in fig.axes]
+
+
+def _by_title(figs: list[Any], needle: str) -> Any:
+    return next(f for f in figs if any(needle in t for t in _titles(f)))
+
+
+def _legend_texts(ax: Any) -> list[str]:
+    leg = ax.get_legend()
+    return [t.get_text() for t in leg.get_texts()] if leg is not None else []
+
+
+def _colorbar_label(fig: Any) -> str:
+    """The label of the figure's colour bar (the axes that holds no title)."""
+    cbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(cbars) == 1
+    return cbars[0].get_ylabel()
+
+
+def assert_no_empty_axes(fig: Any) -> None:
+    for ax in fig.axes:
+        if ax.get_label() == "<colorbar>":
+            continue
+        drawn_items = ax.lines + ax.images + ax.patches + ax.collections
+        assert ax.get_visible() and drawn_items, f"empty axes {ax.get_title()!r}"
+
+
+def test_report_figures_label_what_they_show(tmp_path: Path, drawn: list[Any]) -> None:
+    run = _hand_made_run(tmp_path)
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    for ln in lines:
+        ln["policy"]["warmup"] = 5  # DAFA logs its warm-up every epoch: constant
+    (run / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    build_report(run, ReportOptions())
+    for fig in drawn:
+        assert_no_empty_axes(fig)
+    # the similarity read from the analysis JSON: the colour bar names the quantity and attack
+    sim = _by_title(drawn, "class similarity")
+    assert "pgd20" in _colorbar_label(sim) and "softmax" in _colorbar_label(sim)
+    conf = _by_title(drawn, "confusion under")
+    assert "cw20" in _colorbar_label(conf)
+    # a constant quantity is a table row, not a flat line
+    state = _by_title(drawn, "policy/class_weights")
+    assert "policy/warmup" not in _titles(state)
+    page = parse(run / "report.html")
+    assert "unchanged over training" in page.sections["method-state"]
+    assert "policy/warmup" in page.sections["method-state"]
+    assert {n["data-src"] for n in page.nums} >= {"log.jsonl#/0/policy/warmup"}
+    check_every_number(run, page)
+    # legends sit beside their panel, not over the lines
+    state.canvas.draw()
+    for ax in state.axes:
+        if ax.get_legend() is None:
+            continue
+        box = ax.get_window_extent()
+        assert ax.get_legend().get_window_extent().x0 >= box.x1 - 1, ax.get_title()
+    lam = next(ax for ax in state.axes if ax.get_title() == "sampler/lambda")
+    assert _legend_texts(lam)[:2] == ["cat / young", "cat / old"]
+
+
+def test_label_by_group_legend_when_labels_and_groups_are_as_many(tmp_path: Path,
+                                                                  drawn: list[Any]) -> None:
+    """FairBatch's λ is (label, group): with 2 labels and 2 groups the columns are still the
+    groups."""
+    run = tmp_path / "fb"
+    labels = torch.tensor([0, 0, 1, 1])
+    settings = {"eps": 0.1, "norm": "linf", "seed": 0, "n": 4, "attacks": [{"attack": "clean"}],
+                "class_names": ["small", "large"], "group_names": ["plain", "thick"]}
+    EvalResult(["clean"], torch.ones(1, 4, dtype=torch.bool), labels[None], labels, 2,
+               torch.tensor([0, 1, 0, 1]), settings).save(run / "eval")
+    (run / "log.jsonl").write_text("".join(json.dumps(
+        {"epoch": e, "train_loss": 1.0, "sampler": {"lambda": [[0.5 + 0.1 * e, 0.5 - 0.1 * e],
+                                                              [0.5, 0.5]]}}) + "\n"
+        for e in (1, 2)))
+    build_report(run, ReportOptions(eps_curve=False))
+    lam = _by_title(drawn, "sampler/lambda").axes[0]
+    assert _legend_texts(lam) == ["small / plain", "small / thick", "large / plain",
+                                  "large / thick"]
+
+
+def test_standard_training_shows_no_adversarial_accuracy_and_no_empty_panel(
+        tmp_path: Path, drawn: list[Any]) -> None:
+    from robustfair.engine.trainer import Trainer, prepare_run_dir
+
+    cfg = load_config(recipe="mnist5k-standard", overrides=[
+        "name=std", f"output_dir={tmp_path}", "data.name=digits", "data.train_limit=200",
+        "model.name=mlp", "model.params={hidden: [16]}", "train.epochs=2",
+        "train.batch_size=100", "validation.every=0", "device=cpu"])
+    run = prepare_run_dir(cfg)
+    Trainer(cfg, run, quiet=True).fit()
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert all("train_adv_acc" not in ln and "train_clean_acc" in ln for ln in lines)
+    build_report(run, ReportOptions(eps_curve=False))
+    curves = _by_title(drawn, "loss")
+    assert_no_empty_axes(curves)
+    assert _titles(curves) == ["loss", "accuracy on the training batches (validation is off)"]
+    assert _legend_texts(curves.axes[1]) == ["clean (training batches)"]
+    page = parse(run / "report.html")
+    assert "train adv acc" not in page.sections["training"]
+    assert "did not validate" in page.sections["training"]
+    check_every_number(run, page)
+    # an older log that wrote 0.00 for standard training: hidden because of the objective
+    for ln in lines:
+        ln["train_adv_acc"] = 0.0
+    (run / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    drawn.clear()
+    build_report(run, ReportOptions(eps_curve=False))
+    assert "train adv acc" not in parse(run / "report.html").sections["training"]
+    assert _legend_texts(_by_title(drawn, "loss").axes[1]) == ["clean (training batches)"]
+
+
+def test_validation_curves_keep_two_panels(real_run: Path, drawn: list[Any]) -> None:
+    build_report(real_run, ReportOptions(eps_curve=False))
+    curves = _by_title(drawn, "validation accuracy")
+    assert_no_empty_axes(curves)
+    assert "pgd2: worst class" in _legend_texts(curves.axes[1])
+    assert "train adv acc" in parse(real_run / "report.html").sections["training"]

@@ -4,6 +4,7 @@ errors that name the field, and the fully resolved config saved into the run dir
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from importlib import resources
 from pathlib import Path
@@ -349,7 +350,24 @@ def load_config(
         raw.setdefault("name", Path(path).stem)
     for ov in overrides or []:
         apply_override(raw, ov)
-    return build_config(raw)
+    cfg = build_config(raw)
+    _warn_step_above_eps(cfg, overrides or [])
+    return cfg
+
+
+def _warn_step_above_eps(cfg: RunConfig, overrides: list[str]) -> None:
+    """One line when the training attack's step is larger than its ε (e.g. after
+    ``--set attack.eps=8/255`` on a recipe made for ε = 0.2): the step is kept as configured."""
+    a = cfg.attack
+    if not (a.eps > 0 and a.steps > 1 and a.step_size > a.eps):
+        return
+    eps_set = [ov.strip() for ov in overrides if ov.split("=", 1)[0].strip() == "attack.eps"]
+    cause = f" (ε set by --set {eps_set[-1]})" if eps_set else ""
+    logging.getLogger("robustfair").warning(
+        "warning: attack.step_size %.4g is larger than attack.eps %.4g%s: each of the %d attack "
+        "steps moves %.4g and is projected back onto the ε-ball; to change it add --set "
+        "attack.step_size=... (ε/4 = %.4g is usual)", a.step_size, a.eps, cause, a.steps,
+        a.step_size, a.eps / 4)
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -186,6 +186,10 @@ def load_run(run_dir: Path, overrides: list[str] | None = None, which: str | Non
     ckpt = run_dir / "checkpoints" / f"{which}.pt"
     if not ckpt.exists():
         raise UserError(f"{str(ckpt)!r} not found; train the run first (or use --use last)")
+    if which == "best" and not _validated(run_dir):
+        log.warning("warning: %s never validated (validation.every = 0 or no validation split), "
+                    "so best.pt is the last epoch's checkpoint, the same as --use last; train "
+                    "with --set validation.every=1 to pick the best epoch", run_dir)
     data = load_data(cfg.data)
     trainer = Trainer(cfg, run_dir, data=data, quiet=True)
     verify_checkpoint(ckpt)
@@ -199,6 +203,20 @@ def load_run(run_dir: Path, overrides: list[str] | None = None, which: str | Non
     model.eval()
     return Target(cfg, data, model, trainer.device, out or run_dir / "eval", str(run_dir),
                   run_dir, {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt)})
+
+
+def _validated(run_dir: Path) -> bool:
+    """Whether any epoch of the run's ``log.jsonl`` holds validation results."""
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return True  # nothing to tell
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("val"):
+                return True
+        except (ValueError, AttributeError):
+            continue
+    return False
 
 
 def load_model_file(path: Path, model_name: str, dataset: str, overrides: list[str] | None = None,

@@ -34,6 +34,7 @@ from . import distributed
 from .evaluator import EvalResult, evaluate
 from .io import (atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint,
                  sha256_file)
+from .progress import EvalProgress
 from .schedule import lr_at
 
 log = logging.getLogger("robustfair")
@@ -376,9 +377,7 @@ class Trainer:
         if cfg.validation.n is not None and cfg.validation.n < len(val):
             val = stratified_holdout(val, cfg.validation.n)[1]
         attacks = ["clean"] + ([cfg.validation.attack] if cfg.attack.eps > 0 else [])
-        res = evaluate(self.eval_model(), val, attacks, cfg.attack.eps, cfg.attack.norm,
-                       self.data.num_classes, cfg.eval.batch_size, device=self.device,
-                       seed=cfg.seed, bounded=self.data.bounded)
+        res = self._evaluate_with_bar(val, attacks, f"epoch {self.epoch} validation")
         s = res.summary()["attacks"]
         out = {"clean": _brief(s["clean"])}
         if len(attacks) > 1:
@@ -386,16 +385,24 @@ class Trainer:
             out["robust_attack"] = res.attacks[1]
         return out
 
+    def _evaluate_with_bar(self, data: Any, attacks: list[str], desc: str) -> EvalResult:
+        """:func:`evaluate` on the training attack's ε, with a bar that moves per attack
+        iteration (none when quiet)."""
+        cfg = self.cfg
+        with EvalProgress(len(data), attacks, desc, cfg.attack.norm, self.quiet) as bar:
+            return evaluate(bar.wrap(self.eval_model()), data, attacks, cfg.attack.eps,
+                            cfg.attack.norm, self.data.num_classes, cfg.eval.batch_size,
+                            device=self.device, seed=cfg.seed, progress=bar.batch_done,
+                            bounded=self.data.bounded)
+
     def _epoch_context(self, stats: dict[str, Tensor]) -> EpochContext:
         cache: dict[str, EvalResult] = {}
         cfg = self.cfg
 
         def ev(spec: str) -> EvalResult:
             if spec not in cache:
-                cache[spec] = evaluate(self.eval_model(), self.data.val, ["clean", spec],
-                                       cfg.attack.eps, cfg.attack.norm, self.data.num_classes,
-                                       cfg.eval.batch_size, device=self.device, seed=cfg.seed,
-                                       bounded=self.data.bounded)
+                cache[spec] = self._evaluate_with_bar(self.data.val, ["clean", spec],
+                                                      f"epoch {self.epoch} {spec} for the policy")
             return cache[spec]
 
         return EpochContext(self.epoch, cfg.train.epochs, self.model, self.data.num_classes,

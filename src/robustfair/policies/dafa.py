@@ -119,6 +119,11 @@ class DAFA(Policy):
         return torch.stack([t * w if k in names else t for k, t in out.terms.items()]).sum(0)
 
     def on_epoch_start(self, epoch: int) -> None:
+        if self._epoch == 0 and not self.active and self.tau >= num_epochs(self.ctx, 110):
+            log.warning("warning: DAFA's warm-up (τ = %d epochs) is not shorter than the run "
+                        "(%d epochs): the class weights are never used and this run trains "
+                        "the base objective only; set method.policy.warmup below train.epochs",
+                        self.tau, num_epochs(self.ctx, 110))
         self._epoch = epoch
 
     def observe(self, x: Tensor, y: Tensor, out: ObjectiveOutput, index: Tensor) -> None:

@@ -628,8 +628,9 @@ def _constant_table(keys: list[str], by_key: dict[str, dict[str, Any]],
                   if len(s["index"]) > 1 else Num(v, f"{LOG}#{first}{pointer(*idx)}",
                                                   "num").span()
                   for n, idx, v in zip(names_for[key], s["index"], s["values"][0], strict=True)]
-        rows.append([key, Raw("; ".join(values)),
-                     f"epochs {s['epochs'][0]}–{s['epochs'][-1]}"])
+        span = [Num(s["epochs"][k], f"{LOG}#{pointer(s['lines'][k], 'epoch')}", "int").span()
+                for k in (0, -1)]
+        rows.append([key, Raw("; ".join(values)), Raw(f"epochs {span[0]}–{span[1]}")])
     return table(["quantity", "value", "logged"], rows, css="left",
                  caption="unchanged over training (not plotted)")
 
