@@ -72,13 +72,14 @@ def _to_hwc(img: Tensor) -> Any:
 
 
 def _uniform_text(eps_map: Tensor, eps: float, eps_low: float) -> str | None:
-    """``None`` when the map varies; else what the single value is."""
+    """``None`` when the map varies; else what the single value is (float32 tolerance)."""
     lo, hi = float(eps_map.min()), float(eps_map.max())
-    if hi - lo > 1e-9 * max(eps, 1e-12):
+    tol = 1e-6 * max(eps, 1e-12)
+    if hi - lo > tol:
         return None
-    if abs(lo - eps) <= 1e-9 * max(eps, 1e-12):
+    if abs(lo - eps) <= tol:
         return f"uniform: ε = {eps:.4g}\nat every pixel"
-    if abs(lo - eps_low) <= 1e-9 * max(eps, 1e-12):
+    if abs(lo - eps_low) <= tol:
         return f"uniform: ε_low = {eps_low:.4g}\nat every pixel"
     return f"uniform: {lo:.4g}\nat every pixel"
 
