@@ -120,7 +120,8 @@ def test_cam_on_a_run_without_pixel_budget_is_labelled_hypothetical(
     visualize.analyze_cam(plain_run, n=2, quiet=True)
     (warning,) = [m for m in logged.messages if m.startswith("warning:")]
     assert "no pixel budget" in warning and "0.175" in warning
-    assert "hypothetical" in kept[0]._suptitle.get_text() and "0.175" in kept[0]._suptitle.get_text()
+    title = kept[0]._suptitle.get_text()
+    assert "hypothetical" in title and "0.175" in title
 
 
 # ---------------------------------------------------------------------------- study disparity
