@@ -132,7 +132,9 @@ def test_study_figure_says_error_bars_are_standard_errors(tmp_path: Path,
     kept = []
     monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig))
     row = {"eps": 0.5, "ad_gap_mean": [0.01, 0.05], "ad_gap_se": [0.01, 0.02],
-           "acc_gap_mean": [0.02, 0.03], "acc_gap_se": [0.005, 0.01]}
+           "acc_gap_mean": [0.02, 0.03], "acc_gap_se": [0.005, 0.01],
+           "ad_gap": [[0.0, 0.01, 0.02], [0.03, 0.05, 0.07]],  # (R, seed)
+           "acc_gap": [[0.015, 0.02, 0.025], [0.02, 0.03, 0.04]]}
     results = {"ratios": [1, 5], "norms": ["l2"], "gaps": {"l2": [row]},
                "dataset": "stable-mixture", "model": "linear", "seeds": [1, 2, 3]}
     figures.plot_figure1(results, tmp_path)
