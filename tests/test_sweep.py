@@ -113,6 +113,8 @@ def test_sweep_killed_and_resumed_writes_compare(tmp_path):
     table = res.compare["markdown"].read_text()
     assert "| mnist5k-standard | 2 |" in table and "| mnist5k-trades | 2 |" in table
     assert "±" in table and "robust = pgd5" in table
+    paired = res.compare["paired"].read_text()  # seeds 0 and 1 on both rows: one interval row
+    assert "| mnist5k-trades | 0,1 |" in paired and "Paired differences against" in paired
     # a third call has nothing left to do
     again = run_sweep(load_spec(spec), tmp_path / "out", workers=2)
     assert {p.action for p in again.planned} == {"skip"}

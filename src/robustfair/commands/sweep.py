@@ -54,6 +54,8 @@ def command(spec: Path, overrides: tuple[str, ...], engine: str, workers: int | 
         click.echo(f"failed: {p.trial.name}: {p.error}", err=True)
     click.echo(f"sweep {sp.name}: {len(res.planned)} runs ({res.count('skip')} already finished)"
                f" in {res.out_dir}" + (f"; table: {res.compare['markdown']}" if res.compare
-                                         else ""))
+                                         else "")
+               + (f"; paired intervals: {res.compare['paired']}" if "paired" in res.compare
+                  else ""))
     if res.failed:
         raise SystemExit(1)

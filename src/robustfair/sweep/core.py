@@ -191,3 +191,19 @@ def _compare(spec: SweepSpec, result: SweepResult) -> None:
         return
     result.comparison = comp
     result.compare = write_outputs(comp, result.out_dir / "compare")
+    _paired(comp, result)
+
+
+def _paired(comp: Any, result: SweepResult) -> None:
+    """Add ``compare/paired.md`` (per-seed differences against the baseline with 95%
+    t-intervals) when every row has at least two seeds in common with the baseline."""
+    from ..report.paired import write_paired
+
+    if len(comp.rows) < 2:
+        return
+    try:
+        write_paired(comp, result.out_dir / "compare")
+    except UserError as exc:  # e.g. a single seed: no interval to give
+        result.notes.append(f"no paired intervals: {exc}")
+        return
+    result.compare["paired"] = result.out_dir / "compare" / "paired.md"
