@@ -263,3 +263,84 @@ def test_autoattack_not_weaker_than_torchattacks_with_100_iterations(mlp, test_s
     assert after[-1] == pytest.approx(ours)
     assert ((out.x_adv - x).abs() <= EPS + 1e-6).all()
     assert float(out.clean.float().mean()) >= after[0]
+
+
+# ---------------------------------------------------------------------------- MALT, fast version
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_malt_ranking_is_the_exact_boundary_ranking_on_a_linear_model(norm):
+    """For f(x) = Wx + b, MALT's d_t is the exact distance to {z_y = z_t}; its order of the
+    targets equals the order of distances found by a linear program (ℓ∞) or by projecting onto
+    the hyperplane (ℓ2), the input unbounded."""
+    from robustfair.attacks.malt import malt_order, malt_scores
+
+    torch.manual_seed(0)
+    d_dim, n_cls = 12, 6
+    lin = torch.nn.Linear(d_dim, n_cls).double()
+    x = torch.rand(5, d_dim, dtype=torch.float64)
+    y = lin(x).argmax(1)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    scores = malt_scores(lin, x, y, 1.0, norm)
+    order = malt_order(lin, x, y, 1.0, norm)
+    for i in range(len(x)):
+        exact = {}
+        for t in range(n_cls):
+            if t == y[i]:
+                continue
+            a, c = (w[y[i]] - w[t]).numpy(), float(b[y[i]] - b[t])
+            if norm == "linf":  # min s  s.t. a·(x + δ) + c ≤ 0, |δ_j| ≤ s
+                cost = np.r_[np.zeros(d_dim), 1.0]
+                a_ub = np.block([[np.eye(d_dim), -np.ones((d_dim, 1))],
+                                 [-np.eye(d_dim), -np.ones((d_dim, 1))], [a[None], np.zeros((1, 1))]])
+                b_ub = np.r_[np.zeros(2 * d_dim), -c - a @ x[i].numpy()]
+                res = linprog(cost, A_ub=a_ub, b_ub=b_ub, bounds=[(None, None)] * d_dim + [(0, None)])
+                assert res.status == 0
+                exact[t] = res.fun
+            else:
+                exact[t] = (a @ x[i].numpy() + c) / np.linalg.norm(a)
+            assert scores[i, t].item() == pytest.approx(exact[t], rel=1e-6, abs=1e-9)
+        assert order[i, 0] == y[i]
+        assert order[i, 1:].tolist() == sorted(exact, key=exact.get)
+
+
+@pytest.fixture(scope="module")
+def standard_vs_fast(mlp, test_set):
+    """Standard AutoAttack and autoattack-fast (same seed, Square with 500 queries in both) on
+    the first 100 test digits of the trained MLP."""
+    x, y = test_set[0][:100], test_set[1][:100]
+    std = AutoAttack(n_queries=500).run(mlp, x, y, EPS)
+    fast = build_attack("autoattack-fast", n_queries=500).run(mlp, x, y, EPS)
+    return std, fast
+
+
+def test_fast_version_misses_at_most_one_point_of_standard(standard_vs_fast):
+    std, fast = standard_vs_fast
+    r_std, r_fast = std.robust["square"], fast.robust["square"]
+    assert 0 < int(r_std.sum()) < int(std.clean.sum())  # the attacks have work to do
+    assert int((r_fast & ~r_std).sum()) <= 1
+    # it skipped work: the gated stages attacked fewer points than were still robust
+    gated = ["apgd-t-rest", "fab-t", "square"]
+    before = fast.robust["apgd-t-malt"]
+    assert sum(fast.stage_time[s]["points"] for s in gated) < 3 * int(before.sum())
+    assert fast.stage_time["apgd-ce"]["points"] == int(fast.clean.sum())
+
+
+def test_stage_times_in_outcome_and_summary(mlp, digits, standard_vs_fast):
+    std, _ = standard_vs_fast
+    assert list(std.stage_time) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert all(v["seconds"] >= 0 for v in std.stage_time.values())
+    assert std.stage_time["apgd-t"]["points"] == int(std.robust["apgd-ce"].sum())
+    from robustfair.engine.staged import evaluate_staged
+
+    split = digits.test.subset(torch.arange(40))
+    atk = build_attack("autoattack-fast", steps=5, n_queries=20)
+    res = evaluate_staged(mlp, split, ["clean", atk], EPS, num_classes=10)
+    summ = res.summary()
+    times = summ["settings"]["stage_time"]
+    rows = [f"autoattack-fast/{s}" for s in
+            ("apgd-ce", "apgd-t-malt", "apgd-t-rest", "fab-t", "square")]
+    assert all(r in times and times[r]["seconds"] >= 0 for r in rows)
+    clean = int(res.row("clean").sum())
+    assert times["autoattack-fast/apgd-ce"]["points"] == clean
+    assert summ["settings"]["attacks"][1]["version"] == "fast"

@@ -52,6 +52,21 @@ def sorted_classes(model: nn.Module, x: Tensor) -> Tensor:
         return model(x).argsort(dim=1, descending=True)
 
 
+def ranked_targets(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, todo: Tensor, norm: str,
+                   targeting: str) -> Tensor:
+    """The class order (N, C) whose ranks 1, 2, … are the targets of APGD-T / FAB-T: by clean
+    logit (``'confidence'``, AutoAttack), or by MALT's boundary distance for the rows ``todo``
+    (``'malt'``; the other rows, not attacked, keep the confidence order)."""
+    order = sorted_classes(model, x)
+    if targeting == "malt":
+        from .malt import malt_order
+
+        idx = todo.nonzero().flatten()
+        if len(idx):
+            order[idx] = malt_order(model, x[idx], y[idx], eps_rows(eps, idx, len(x)), norm)
+    return order
+
+
 def n_targets(num_classes: int, requested: int | None) -> int:
     """Target classes of the targeted attacks: ``min(9, C − 1)`` unless set (Croce & Hein 2020)."""
     cap = num_classes - 1

@@ -13,15 +13,21 @@ from ._helpers import (
     make_generator,
     n_targets,
     rank_groups,
-    sorted_classes,
+    ranked_targets,
     target_copies,
 )
 from .apgd import APGDBase, APGDParams, LossFn, _rows, apgd, dlr_loss_targeted
+from .malt import Targeting
 
 
 class APGDTParams(APGDParams):
     n_target_classes: int | None = Field(
         None, ge=1, description="target classes tried in turn; None: min(9, C − 1)")
+    targeting: Targeting = Field(
+        "confidence", description="how targets are ranked: 'confidence' (the clean logits, as "
+                                  "in AutoAttack) or 'malt' (linearised boundary distance)")
+    skip_targets: int = Field(0, ge=0, description="the first ranked targets are left out "
+                                                   "(already attacked by an earlier stage)")
     max_batch: int = Field(500, ge=1, description="targets of a point are attacked side by "
                                                    "side while points × targets ≤ max_batch")
 
@@ -30,7 +36,8 @@ class APGDTParams(APGDParams):
 class APGDT(APGDBase):
     """Targeted APGD-DLR over the top min(9, C − 1) classes (Croce & Hein, arXiv:2003.01690).
 
-    The targets of a point are its classes ranked 2nd, 3rd, … by the clean logits; each target
+    The targets of a point are its classes ranked 2nd, 3rd, … by the clean logits (or, with
+    ``targeting='malt'``, by MALT's linearised boundary distance, nearest first); each target
     gets ``restarts`` runs of ``steps`` iterations, only on the points not yet fooled. Several
     targets run side by side when the batch is small (``max_batch``); a point stops as soon as
     one target fools it, so the result is that of running the targets one after the other.
@@ -51,10 +58,10 @@ class APGDT(APGDBase):
         fooled = ~clean_correct(model, x, y)
         if not bool((~fooled).any()):
             return out
-        order = sorted_classes(model, x)
+        order = ranked_targets(model, x, y, eps, ~fooled, self.norm, self.targeting)
         last = n_targets(order.shape[1], self.n_target_classes)
         best = torch.full((len(x),), float("-inf"), device=x.device, dtype=x.dtype)
-        rank = 1
+        rank = 1 + self.skip_targets
         while rank <= last:
             ranks = rank_groups(int((~fooled).sum()), last, self.max_batch, rank)
             rank += len(ranks)

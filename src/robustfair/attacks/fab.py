@@ -36,11 +36,12 @@ from ._helpers import (
     make_generator,
     n_targets,
     rank_groups,
-    sorted_classes,
+    ranked_targets,
     target_copies,
     view_n,
 )
 from .base import Attack, AttackParams, per_sample
+from .malt import Targeting
 
 
 def box_hyperplane_projection(w: Tensor, c: Tensor, d: Tensor, lb: Tensor, ub: Tensor,
@@ -319,7 +320,7 @@ class FABBase(Attack):
         if not self.targeted:
             self._run(model, x, y, eps, None, [], gen, out, fooled, best)
             return out
-        order = sorted_classes(model, x)
+        order = ranked_targets(model, x, y, eps, ~fooled, self.norm, self.targeting)
         last = n_targets(order.shape[1], self.n_target_classes)
         rank = 1
         while rank <= last and bool((~fooled).any()):
@@ -338,6 +339,9 @@ class FAB(FABBase):
 class FABTParams(FABParams):
     n_target_classes: int | None = Field(
         None, ge=1, description="target classes tried in turn; None: min(9, C − 1)")
+    targeting: Targeting = Field(
+        "confidence", description="how targets are ranked: 'confidence' (the clean logits, as "
+                                  "in AutoAttack) or 'malt' (linearised boundary distance)")
     max_batch: int = Field(500, ge=1, description="targets of a point are attacked side by "
                                                    "side while points × targets ≤ max_batch")
 

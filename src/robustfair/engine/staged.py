@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..attacks import Attack, build_attack
 from ..attacks.autoattack import AutoAttack
-from ..attacks.base import eval_mode
+from ..attacks.base import as_eps, eval_mode
 from ..errors import UserError
 from . import distributed
 from .evaluator import EvalResult
@@ -48,6 +48,7 @@ class Stage:
     row: str
     attack: Attack | None
     after: str | None
+    ensemble: AutoAttack | None = None  # the ensemble whose stage this is (it may gate points)
 
 
 def plan(attacks: Sequence[Attack]) -> list[Stage]:
@@ -60,7 +61,7 @@ def plan(attacks: Sequence[Attack]) -> list[Stage]:
             prev = "clean"
             for comp_name, comp in atk.stages():
                 row = f"{atk.name}/{comp_name}"
-                stages.append(Stage(row, comp, prev))
+                stages.append(Stage(row, comp, prev, atk))
                 prev = row
             stages.append(Stage(atk.name, None, prev))
         else:
@@ -180,18 +181,21 @@ def evaluate_staged(
         log.info("resuming: %s already done", ", ".join(state.rows))
     labels = data.y.cpu().long()
     timing: dict[str, float] = {}
+    attacked: dict[str, int] = {}
     try:
         for stage in stages:
             if state.done(stage.row):
                 continue
             t0 = time.perf_counter()
-            correct, pred = _run_stage(model, data, stage, state, labels, eps, batch_size,
-                                       device, seed, save_every, quiet)
+            correct, pred, attacked[stage.row] = _run_stage(
+                model, data, stage, state, labels, eps, batch_size, device, seed, save_every,
+                quiet)
             timing[stage.row] = round(time.perf_counter() - t0, 3)
             state.finish(stage.row, correct, pred)
             if stage.row != "clean":
-                log.info("%-24s %5.1f%%  (%.1f s)", stage.row,
-                         100 * float(correct.float().mean()), timing[stage.row])
+                log.info("%-24s %5.1f%%  (%.1f s, %d points attacked)", stage.row,
+                         100 * float(correct.float().mean()), timing[stage.row],
+                         attacked[stage.row])
     except BaseException:  # interrupted: keep what is done for --resume
         state.save()
         raise
@@ -202,6 +206,8 @@ def evaluate_staged(
         "eps": eps, "norm": norm, "seed": seed, "n": n, "attacks": [a.describe() for a in built],
         "stages": {a.name: [s for s, _ in a.stages()] for a in built if isinstance(a, AutoAttack)},
         "timing_s": timing,
+        "stage_time": {r: {"seconds": t, "points": attacked.get(r, 0)} for r, t in timing.items()
+                       if r != "clean"},
         "protocol": "a point misclassified without attack counts as broken under every attack; "
                     "an ensemble's row is the per-sample worst case over its stages",
     }
@@ -214,12 +220,13 @@ def evaluate_staged(
 
 def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labels: Tensor,
                eps: float, batch_size: int, device: torch.device, seed: int, save_every: float,
-               quiet: bool) -> tuple[Tensor, Tensor]:
+               quiet: bool) -> tuple[Tensor, Tensor, int]:
+    """(correct, pred, points attacked in this call) of one row."""
     if stage.after is None:
-        return _clean(model, data, labels, batch_size, device)
+        return (*_clean(model, data, labels, batch_size, device), 0)
     base_c, base_p = state.rows[stage.after]
     if stage.attack is None:
-        return base_c.clone(), base_p.clone()
+        return base_c.clone(), base_p.clone(), 0
     correct, pred, start = base_c.clone(), base_p.clone(), 0
     if state.current is not None and state.current["row"] == stage.row:
         correct, pred = state.current["correct"], state.current["pred"]
@@ -228,6 +235,7 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
     chunks = list(torch.split(todo, batch_size))
     bar = _bar(quiet, stage.row, len(todo), sum(len(c) for c in chunks[:start]))
     ticker = _IterationTicker(model, bar, len(chunks))
+    attacked = 0
     for b in range(start, len(chunks)):
         ticker.batch = b
         if b % distributed.world_size() != distributed.rank():
@@ -235,6 +243,19 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
         idx = chunks[b]
         x = data.images(idx).to(device)
         y = labels[idx].to(device)
+        if stage.ensemble is not None:
+            with eval_mode(model):
+                sel = stage.ensemble.gate(stage.row.split("/", 1)[1], model, x, y,
+                                          as_eps(eps, x))
+            if sel is not None:
+                if bar is not None:
+                    bar.update(int((~sel).sum()))
+                sel = sel.cpu()
+                idx, x, y = idx[sel], x[sel.to(device)], y[sel.to(device)]
+        attacked += len(idx)
+        if len(idx) == 0:
+            state.progress(stage.row, b + 1, correct, pred, save_every)
+            continue
         rng = torch.get_rng_state()
         torch.manual_seed(batch_seed(seed, stage.row, b))
         try:
@@ -256,7 +277,7 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
                  == distributed.rank())
         both = distributed.all_reduce_sum(both.to(device)).cpu()
         correct[todo], pred[todo] = both[0].bool(), both[1]
-    return correct, pred
+    return correct, pred, attacked
 
 
 def _clean(model: nn.Module, data: Any, labels: Tensor, batch_size: int,
