@@ -1,24 +1,35 @@
-"""robustfair's AutoAttack against torchattacks' AutoAttack run with the reference's 100
-iterations, on the same model and images (a benchmark script, not a test).
+"""AutoAttack four ways, in one process, on the same model and images (a benchmark script, not a
+test): robustfair ``autoattack`` (standard), robustfair ``autoattack-fast`` (MALT targets, then the
+remaining components near the boundary; not standard AutoAttack), the reference AutoAttack
+(``pyautoattack``, by its authors) and torchattacks' AutoAttack with its APGD, APGD-T and FAB set
+to the reference's 100 iterations (torchattacks builds them with 10).
 
-torchattacks builds its APGD, APGD-T and FAB with 10 iterations; here they are set to 100 (the
-reference protocol of Croce & Hein 2020), 9 target classes (``n_classes=10``), Square with 5,000
-queries, seed 0. The model is a small network trained with PGD on the embedded digits (8×8) or
-mnist5k (28×28) data, so that many test points survive the first attacks and every component
-does real work.
+All four: ℓ∞, 9 target classes, Square with ``--queries`` (5,000 by default), seed 0. Two
+models, trained here briefly on CPU and cached in ``--cache``:
 
-Printed: robust accuracy of each (ours per stage), wall time and CPU time (process time, which
-the load of a shared machine affects less), and the ratios ours / torchattacks. Usage::
+- ``smallcnn``: the TRADES SmallCNN on mnist5k (TRADES, β = 6, 5 KL steps of ε/3);
+- ``resnet18``: a CIFAR-shaped ResNet-18 (3×32×32 inputs: mnist5k padded to 32 px, each image in
+  a random colour; ``--width`` channels in the first block) trained with 5-step PGD.
+
+Contenders run in turn in every round, the order reversed every other round, so that the load of
+a shared machine hits them alike. Printed: per-class robust accuracy of each, wall and CPU
+(process) time, the ratios to torchattacks and to the reference (median over rounds), the
+per-stage seconds and points attacked of robustfair's versions, and, for every pair, how many
+points one broke that the other left robust. Usage::
 
     python benchmarks/bench_autoattack.py --quick
-    python benchmarks/bench_autoattack.py --dataset mnist5k --model smallcnn --n 500
+    python benchmarks/bench_autoattack.py --models smallcnn resnet18 --n 100 --rounds 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,106 +41,210 @@ from robustfair.config import DataConfig
 from robustfair.data import load_data
 from robustfair.models import build_model
 
+Contender = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], dict[str, Any]]
 
-def train(model: torch.nn.Module, data: Any, epochs: int, eps: float, seed: int) -> None:
-    """PGD adversarial training (Madry et al.), 5 steps, SGD with momentum."""
-    torch.manual_seed(seed)
+
+def cifar_shaped(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """(N, 1, 28, 28) → (N, 3, 32, 32): padded, each digit in a random colour on black."""
+    g = torch.Generator().manual_seed(seed)
+    colour = 0.4 + 0.6 * torch.rand(len(x), 3, 1, 1, generator=g)
+    return F.pad(x, (2, 2, 2, 2)) * colour
+
+
+def load(name: str, a: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The model (trained here, or loaded from the cache) and the first ``n`` test images."""
+    data = load_data(DataConfig(name="mnist5k", val_size=0.1))
+    x_tr, y_tr = data.train.images()[:a.train_n], data.train.y[:a.train_n]
+    x_te, y_te = data.test.images()[:a.n], data.test.y[:a.n]
+    if name == "resnet18":
+        x_tr, x_te = cifar_shaped(x_tr, 1), cifar_shaped(x_te, 2)
+    cache = Path(a.cache) / f"{name}_w{a.width}_n{a.train_n}_e{a.epochs}_eps{a.train_eps}.pt"
+    torch.manual_seed(a.seed)
+    if name == "smallcnn":
+        model = build_model("smallcnn", 1, 10, 28, data.mean, data.std, dropout=0.0)
+    else:
+        model = build_model("resnet18", 3, 10, 32, [0.5] * 3, [0.5] * 3, width=a.width)
+    if cache.exists():
+        model.load_state_dict(torch.load(cache))
+    else:
+        train(model, x_tr, y_tr, a.epochs, a.train_eps, trades=name == "smallcnn")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), cache)
+    return model.eval(), x_te, y_te
+
+
+def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, eps: float,
+          trades: bool) -> None:
+    """TRADES (β = 6; KL attack from x + 0.001·N(0, 1)) or PGD-AT (random start): 5 attack
+    steps of ε/3 on the model in eval mode, SGD (lr 0.05, momentum 0.9), batches of 128."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x, y = data.train.images(), data.train.y
-    pgd = build_attack("pgd5", "linf")
+    pgd = build_attack("pgd5", "linf", step_size=eps / 3)
     for _ in range(epochs):
         perm = torch.randperm(len(y))
         for i in range(0, len(y), 128):
-            idx = perm[i:i + 128]
-            xb = pgd(model, x[idx], y[idx], eps)
+            xb, yb = x[perm[i:i + 128]], y[perm[i:i + 128]]
+            model.eval()
+            xa = kl_attack(model, xb, eps) if trades else pgd(model, xb, yb, eps)
             model.train()
-            loss = F.cross_entropy(model(xb), y[idx])
+            if trades:
+                logits = model(xb)
+                kl = F.kl_div(F.log_softmax(model(xa), 1), F.softmax(logits, 1),
+                              reduction="batchmean")
+                loss = F.cross_entropy(logits, yb) + 6.0 * kl
+            else:
+                loss = F.cross_entropy(model(xa), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
     model.eval()
 
 
-def timed(fn: Any) -> tuple[Any, float, float]:
-    w, c = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - w, time.process_time() - c
-
-
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def kl_attack(model: torch.nn.Module, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """TRADES' inner maximisation: 5 sign steps of ε/3 on KL(f(x) ‖ f(x'))."""
     with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+        p = F.softmax(model(x), 1)
+    xa = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    for _ in range(5):
+        xa.requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(model(xa), 1), p, reduction="sum")
+        (g,) = torch.autograd.grad(kl, [xa])
+        xa = torch.min(torch.max(xa.detach() + eps / 3 * g.sign(), x - eps), x + eps).clamp(0, 1)
+    return xa.detach()
 
 
-def run_ours(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-             n_queries: int) -> tuple[float, dict[str, float], float, float]:
-    aa = AutoAttack(norm="linf", version="standard", n_queries=n_queries, seed=0)
-    out, wall, cpu = timed(lambda: aa.run(model, x, y, eps))
-    stages = {k: float(v.float().mean()) for k, v in out.robust.items()}
-    return accuracy(model, out.x_adv, y), stages, wall, cpu
+def contenders(eps: float, queries: int) -> dict[str, Contender]:
+    def ours(version: str) -> Contender:
+        def run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+            out = AutoAttack(norm="linf", version=version, n_queries=queries, seed=0).run(
+                model, x, y, eps)
+            return {"x_adv": out.x_adv, "stage_time": out.stage_time}
+        return run
+
+    def reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        from pyautoattack import AutoAttack as RefAA
+
+        ref = RefAA(model, norm="Linf", eps=eps, version="standard", seed=0, device="cpu")
+        ref.verbose = False
+        ref.square.n_queries = queries
+        out = ref.run_standard_evaluation(x, y, batch_size=len(x))
+        return {"x_adv": out[0] if isinstance(out, tuple) else out}
+
+    def torchattacks_100(model: torch.nn.Module, x: torch.Tensor,
+                         y: torch.Tensor) -> dict[str, Any]:
+        import torchattacks
+
+        aa = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
+                                     n_classes=10, seed=0)
+        for atk in aa._autoattack.attacks:
+            if hasattr(atk, "steps"):
+                atk.steps = 100
+            if hasattr(atk, "n_queries"):
+                atk.n_queries = queries
+        return {"x_adv": aa(x, y)}
+
+    return {"robustfair": ours("standard"), "robustfair-fast": ours("fast"),
+            "reference": reference, "torchattacks-100": torchattacks_100}
 
 
-def run_torchattacks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                     n_queries: int, n_classes: int) -> tuple[float, float, float]:
-    import torchattacks
+def robust_flags(model: torch.nn.Module, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """Correct under attack, counting only points within the ε-ball."""
+    with torch.no_grad():
+        ok = model(x_adv).argmax(1) == y
+    inside = (x_adv - x).abs().flatten(1).amax(1) <= eps + 1e-5
+    return ok | ~inside
 
-    aa = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
-                                 n_classes=n_classes, seed=0)
-    for atk in aa._autoattack.attacks:
-        if hasattr(atk, "steps"):
-            atk.steps = 100
-        if hasattr(atk, "n_queries"):
-            atk.n_queries = n_queries
-    x_adv, wall, cpu = timed(lambda: aa(x, y))
-    return accuracy(model, x_adv, y), wall, cpu
+
+def bench_model(name: str, a: argparse.Namespace) -> dict[str, Any]:
+    model, x, y = load(name, a)
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+    runs = contenders(a.eps, a.queries)
+    names = [c for c in runs if c in a.contenders]
+    times: dict[str, list[tuple[float, float]]] = {c: [] for c in names}
+    flags: dict[str, torch.Tensor] = {}
+    stages: dict[str, Any] = {}
+    for r in range(a.rounds):
+        for c in (names if r % 2 == 0 else names[::-1]):
+            w, p = time.perf_counter(), time.process_time()
+            out = runs[c](model, x, y)
+            times[c].append((time.perf_counter() - w, time.process_time() - p))
+            f = robust_flags(model, out["x_adv"], x, y, a.eps) & clean
+            flags.setdefault(c, f)
+            flags[c] = flags[c] & f  # the worst case over rounds
+            if "stage_time" in out:
+                stages[c] = out["stage_time"]
+    res: dict[str, Any] = {"model": name, "n": len(y), "eps": a.eps,
+                           "clean": per_class(clean, y), "contenders": {}}
+    for c in names:
+        wall = statistics.median(t[0] for t in times[c])
+        cpu = statistics.median(t[1] for t in times[c])
+        res["contenders"][c] = {"robust": per_class(flags[c], y), "wall_s": wall, "cpu_s": cpu,
+                                "stage_time": stages.get(c)}
+    for base in ("torchattacks-100", "reference"):
+        if base in times:
+            res[f"ratio_to_{base}"] = {c: {k: statistics.median(
+                t[i] / b[i] for t, b in zip(times[c], times[base], strict=True))
+                for i, k in enumerate(("wall", "cpu"))} for c in names}
+    res["broken_by_one_not_other"] = {f"{p} vs {q}": [int((~flags[p] & flags[q]).sum()),
+                                                      int((flags[p] & ~flags[q]).sum())]
+                                      for i, p in enumerate(names) for q in names[i + 1:]}
+    return res
+
+
+def per_class(ok: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    pc = [float(ok[y == k].float().mean()) if (y == k).any() else float("nan")
+          for k in range(10)]
+    return {"avg": float(ok.float().mean()), "per_class": pc}
+
+
+def show(res: dict[str, Any]) -> None:
+    print(f"\n{res['model']}: n={res['n']}, eps={res['eps']} (linf), "
+          f"clean {100 * res['clean']['avg']:.1f}%")
+    print(f"{'':18s} {'robust':>7s}  " + " ".join(f"{k:>4d}" for k in range(10)) +
+          f"  {'wall s':>8s} {'cpu s':>8s}  {'cpu / TA':>8s} {'cpu / ref':>9s}")
+    for c, v in res["contenders"].items():
+        ta = res.get("ratio_to_torchattacks-100", {}).get(c, {}).get("cpu", float("nan"))
+        ref = res.get("ratio_to_reference", {}).get(c, {}).get("cpu", float("nan"))
+        pcs = " ".join(f"{100 * p:4.0f}" for p in v["robust"]["per_class"])
+        print(f"{c:18s} {100 * v['robust']['avg']:6.1f}%  {pcs}  {v['wall_s']:8.1f} "
+              f"{v['cpu_s']:8.1f}  {ta:8.2f} {ref:9.2f}")
+        if v["stage_time"]:
+            print("    stages: " + ", ".join(f"{s} {t['seconds']:.1f} s on {t['points']}"
+                                            for s, t in v["stage_time"].items()))
+    print("broken by the first and not the second / by the second and not the first:")
+    for pair, (a_only, b_only) in res["broken_by_one_not_other"].items():
+        print(f"    {pair}: {a_only} / {b_only}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="digits, MLP, 120 test images")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--model", default="mlp")
-    p.add_argument("--n", type=int, default=360)
-    p.add_argument("--eps", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--queries", type=int, default=5000, help="Square's budget (both)")
+    p.add_argument("--quick", action="store_true", help="smallcnn only, 40 images, 1 round")
+    p.add_argument("--models", nargs="+", default=["smallcnn", "resnet18"])
+    p.add_argument("--contenders", nargs="+", default=list(contenders(0.0, 1)))
+    p.add_argument("--n", type=int, default=100, help="test images")
+    p.add_argument("--eps", type=float, default=0.2)
+    p.add_argument("--train-eps", type=float, default=0.3)
+    p.add_argument("--train-n", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--width", type=int, default=8, help="resnet18: channels of the first block")
+    p.add_argument("--queries", type=int, default=5000, help="Square's budget (all four)")
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "robustfair_bench"),
+                   help="folder of the trained models")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     a = p.parse_args()
     if a.quick:
-        a.dataset, a.model, a.n, a.epochs = "digits", "mlp", 120, 10
+        a.models, a.n, a.rounds = ["smallcnn"], 40, 1
     torch.set_num_threads(a.threads)
-    data = load_data(DataConfig(name=a.dataset, val_size=0.1))
-    torch.manual_seed(a.seed)
-    params: dict[str, Any] = {"hidden": [64]} if a.model == "mlp" else {"dropout": 0.0}
-    model = build_model(a.model, data.in_channels, data.num_classes, data.image_size,
-                        data.mean, data.std, **params)
-    train(model, data, a.epochs, a.eps, a.seed)
-    x, y = data.test.images()[:a.n], data.test.y[:a.n]
-    clean = accuracy(model, x, y)
-    ours, stages, w_o, c_o = run_ours(model, x, y, a.eps, a.queries)
-    theirs, w_t, c_t = run_torchattacks(model, x, y, a.eps, a.queries, data.num_classes)
-    res = {
-        "setting": {"dataset": a.dataset, "model": a.model, "n": len(y), "eps": a.eps,
-                    "norm": "linf", "square_queries": a.queries, "threads": a.threads},
-        "clean": clean,
-        "robustfair": {"robust": ours, "stages": stages, "wall_s": w_o, "cpu_s": c_o},
-        "torchattacks_100it": {"robust": theirs, "wall_s": w_t, "cpu_s": c_t},
-        "ratio_wall": w_o / w_t, "ratio_cpu": c_o / c_t,
-        "at_least_as_strong": ours <= theirs,
-    }
-    print(f"{a.dataset} / {a.model}, n={len(y)}, eps={a.eps} (linf), clean {100 * clean:.1f}%")
-    print(f"robustfair AutoAttack    robust {100 * ours:5.1f}%  wall {w_o:7.1f} s  "
-          f"cpu {c_o:7.1f} s")
-    print("   after each stage: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in stages.items()))
-    print(f"torchattacks (100 it.)   robust {100 * theirs:5.1f}%  wall {w_t:7.1f} s  "
-          f"cpu {c_t:7.1f} s")
-    print(f"ratio ours / torchattacks: wall {res['ratio_wall']:.2f}, cpu {res['ratio_cpu']:.2f}; "
-          f"at least as strong: {res['at_least_as_strong']}")
+    results = []
+    for name in a.models:
+        results.append(bench_model(name, a))
+        show(results[-1])
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
+        Path(a.out).write_text(json.dumps({"settings": vars(a), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

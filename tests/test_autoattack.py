@@ -292,9 +292,11 @@ def test_malt_ranking_is_the_exact_boundary_ranking_on_a_linear_model(norm):
             if norm == "linf":  # min s  s.t. a·(x + δ) + c ≤ 0, |δ_j| ≤ s
                 cost = np.r_[np.zeros(d_dim), 1.0]
                 a_ub = np.block([[np.eye(d_dim), -np.ones((d_dim, 1))],
-                                 [-np.eye(d_dim), -np.ones((d_dim, 1))], [a[None], np.zeros((1, 1))]])
+                                 [-np.eye(d_dim), -np.ones((d_dim, 1))],
+                                 [a[None], np.zeros((1, 1))]])
                 b_ub = np.r_[np.zeros(2 * d_dim), -c - a @ x[i].numpy()]
-                res = linprog(cost, A_ub=a_ub, b_ub=b_ub, bounds=[(None, None)] * d_dim + [(0, None)])
+                res = linprog(cost, A_ub=a_ub, b_ub=b_ub,
+                              bounds=[(None, None)] * d_dim + [(0, None)])
                 assert res.status == 0
                 exact[t] = res.fun
             else:
