@@ -206,6 +206,16 @@ def test_targets_side_by_side_match_one_after_another(mlp, test_set):
 # ---------------------------------------------------------------------------- parity
 
 
+@pytest.fixture(scope="module")
+def standard_vs_fast(mlp, test_set):
+    """Standard AutoAttack and autoattack-fast (same seed, Square with 500 queries in both) on
+    the first 100 test digits of the trained MLP."""
+    x, y = test_set[0][:100], test_set[1][:100]
+    std = AutoAttack(n_queries=500).run(mlp, x, y, EPS)
+    fast = build_attack("autoattack-fast", n_queries=500).run(mlp, x, y, EPS)
+    return std, fast
+
+
 @pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.8)])
 def test_apgd_ce_matches_torchattacks(mlp, test_set, norm, eps):
     """Same iterations (100), restarts (1) and seed; all 360 test images: within 1 point."""
@@ -242,11 +252,12 @@ def test_square_matches_torchattacks(mlp, test_set):
     assert ours <= as_is
 
 
-def test_autoattack_not_weaker_than_torchattacks_with_100_iterations(mlp, test_set):
+def test_autoattack_not_weaker_than_torchattacks_with_100_iterations(mlp, test_set,
+                                                                   standard_vs_fast):
     """AutoAttack standard against torchattacks' AutoAttack with its APGD, APGD-T and FAB set
     to 100 iterations, 9 targets; Square with 500 queries in both (a shorter test)."""
     x, y = test_set[0][:100], test_set[1][:100]
-    out = AutoAttack(n_queries=500).run(mlp, x, y, EPS)
+    out = standard_vs_fast[0]
     ours = acc(mlp, out.x_adv, y)
     ta = torchattacks.AutoAttack(mlp, norm="Linf", eps=EPS, version="standard",
                                  n_classes=10, seed=0)
@@ -304,16 +315,6 @@ def test_malt_ranking_is_the_exact_boundary_ranking_on_a_linear_model(norm):
             assert scores[i, t].item() == pytest.approx(exact[t], rel=1e-6, abs=1e-9)
         assert order[i, 0] == y[i]
         assert order[i, 1:].tolist() == sorted(exact, key=exact.get)
-
-
-@pytest.fixture(scope="module")
-def standard_vs_fast(mlp, test_set):
-    """Standard AutoAttack and autoattack-fast (same seed, Square with 500 queries in both) on
-    the first 100 test digits of the trained MLP."""
-    x, y = test_set[0][:100], test_set[1][:100]
-    std = AutoAttack(n_queries=500).run(mlp, x, y, EPS)
-    fast = build_attack("autoattack-fast", n_queries=500).run(mlp, x, y, EPS)
-    return std, fast
 
 
 def test_fast_version_misses_at_most_one_point_of_standard(standard_vs_fast):
