@@ -52,13 +52,18 @@ def cifar_shaped(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def load(name: str, a: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """The model (trained here, or loaded from the cache) and the first ``n`` test images."""
+    """The model (trained here, or loaded from the cache) and ``n`` test images drawn at
+    random (seeded)."""
     data = load_data(DataConfig(name="mnist5k", val_size=0.1))
-    x_tr, y_tr = data.train.images()[:a.train_n], data.train.y[:a.train_n]
-    x_te, y_te = data.test.images()[:a.n], data.test.y[:a.n]
+    g = torch.Generator().manual_seed(a.seed)  # the splits are sorted by class: draw at random
+    tr = torch.randperm(len(data.train.y), generator=g)[:a.train_n]
+    te = torch.randperm(len(data.test.y), generator=g)[:a.n]
+    x_tr, y_tr = data.train.images()[tr], data.train.y[tr]
+    x_te, y_te = data.test.images()[te], data.test.y[te]
     if name == "resnet18":
         x_tr, x_te = cifar_shaped(x_tr, 1), cifar_shaped(x_te, 2)
-    cache = Path(a.cache) / f"{name}_w{a.width}_n{a.train_n}_e{a.epochs}_eps{a.train_eps}.pt"
+    cache = Path(a.cache) / (f"{name}_w{a.width}_n{a.train_n}_e{a.epochs}_eps{a.train_eps}"
+                             f"_s{a.seed}.pt")
     torch.manual_seed(a.seed)
     if name == "smallcnn":
         model = build_model("smallcnn", 1, 10, 28, data.mean, data.std, dropout=0.0)
