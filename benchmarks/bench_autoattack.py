@@ -174,6 +174,8 @@ def bench_model(name: str, a: argparse.Namespace) -> dict[str, Any]:
             w, p = time.perf_counter(), time.process_time()
             out = runs[c](model, x, y)
             times[c].append((time.perf_counter() - w, time.process_time() - p))
+            print(f"  {name} round {r + 1}: {c} {times[c][-1][0]:.1f} s wall, "
+                  f"{times[c][-1][1]:.1f} s CPU", flush=True)
             f = robust_flags(model, out["x_adv"], x, y, a.eps) & clean
             flags.setdefault(c, f)
             flags[c] = flags[c] & f  # the worst case over rounds
