@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,12 +38,21 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes end in one line on stderr and exit code 2, never a traceback."""
     try:
         rv = cli.main(args=argv, prog_name="robustfair", standalone_mode=False)
+    except Interrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_code)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C into Abort; a command with something to resume says so itself
+        ctrl_c = isinstance(exc.__context__, KeyboardInterrupt)
+        click.echo("interrupted" if ctrl_c else "aborted", err=True)
         sys.exit(130)
+    except PermissionError as exc:
+        click.echo(f"error: permission denied on {exc.filename or exc}; choose a writable "
+                   f"output folder or fix its permissions", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; resume with --resume", err=True)
         sys.exit(130)

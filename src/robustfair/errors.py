@@ -14,3 +14,9 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+class Interrupted(UserError):
+    """The user stopped a command (Ctrl-C); the message says how to continue it."""
+
+    exit_code = 130

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import click
 
 from ..config import load_config
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ._common import class_table, echo_err, setup_logging
 
 
@@ -23,27 +25,67 @@ def _config_for(config: str | None, recipe: str | None, overrides: list[str]) ->
     return load_config(config, recipe, overrides), None
 
 
+def run_progress(run_dir: Path) -> dict[str, int] | None:
+    """The last checkpoint's epoch, step in the epoch and global step (None without one)."""
+    try:
+        meta = json.loads((run_dir / "checkpoints" / "last.json").read_text(encoding="utf-8"))
+        return {k: int(meta.get(k, 0) or 0) for k in ("epoch", "step_in_epoch", "global_step")}
+    except (OSError, ValueError):
+        return None
+
+
+def _trained(run_dir: Path, cfg: Any) -> bool:
+    pos = run_progress(run_dir)
+    return pos is not None and pos["epoch"] >= cfg.train.epochs and pos["step_in_epoch"] == 0
+
+
 def train_run(cfg: Any, run_dir: Path | None = None, resume: bool = False, force: bool = False,
               quiet: bool = False, evaluate: bool = True) -> tuple[Path, dict[str, Any] | None]:
-    """Train a run end to end (the library form of ``robustfair train``)."""
+    """Train a run end to end (the library form of ``robustfair train``).
+
+    The run directory is locked while this runs (one trainer per run). On ``resume``, settings
+    that differ from the run's ``config.yaml`` are recorded in the run, or refused when the
+    checkpoint cannot follow them (see :mod:`robustfair.engine.history`); a run that is trained
+    and evaluated already is left as it is (the summary is None)."""
     from ..data import load_data
+    from ..engine import distributed
+    from ..engine.history import record_resume_changes
+    from ..engine.lock import run_lock
     from ..engine.trainer import Trainer, prepare_run_dir
 
     target = run_dir if run_dir is not None else Path(cfg.output_dir) / cfg.name
     if resume and not (target / "config.yaml").exists():
         raise UserError(f"nothing to resume: {str(target)!r} has no run; drop --resume")
-    data = load_data(cfg.data)
-    trainer = Trainer(cfg, target, data=data, quiet=quiet)
-    path = target
-    if trainer.is_main:
-        path = prepare_run_dir(cfg, force=force, resume=resume, run_dir=target)
-    from ..engine import distributed
-
-    distributed.barrier()
-    trainer.run_dir = path
-    trainer.fit(resume=resume)
-    summary = trainer.final_eval() if evaluate else None
+    is_main = distributed.world_from_env()[0] == 0
+    with run_lock(target, enabled=is_main):
+        if resume and is_main:
+            record_resume_changes(cfg, target)
+        if resume and _trained(target, cfg) and (
+                not evaluate or (target / "eval" / "summary.json").exists()):
+            return target, None
+        data = load_data(cfg.data)
+        trainer = Trainer(cfg, target, data=data, quiet=quiet)
+        path = target
+        if trainer.is_main:
+            path = prepare_run_dir(cfg, force=force, resume=resume, run_dir=target)
+        distributed.barrier()
+        trainer.run_dir = path
+        trainer.fit(resume=resume)
+        summary = trainer.final_eval() if evaluate else None
     return path, summary
+
+
+def _interrupted(path: Path) -> Interrupted:
+    """The message of a Ctrl-C during training: what is saved and how to continue."""
+    pos = run_progress(path)
+    if not (path / "config.yaml").exists():
+        return Interrupted("interrupted before training started; nothing was written — run the "
+                           "same command again")
+    saved = (f"saved up to epoch {pos['epoch']}" + (f" + {pos['step_in_epoch']} steps"
+                                                    if pos["step_in_epoch"] else "")
+             if pos is not None else "no checkpoint yet")
+    return Interrupted(f"interrupted; the run is {saved}; resume with: robustfair train "
+                       f"{shlex.quote(str(path))} --resume")
 
 
 @click.command("train")
@@ -66,6 +108,7 @@ def train(config: str | None, recipe: str | None, overrides: tuple[str, ...], re
     cfg, run_dir = _config_for(config, recipe, list(overrides))
     if run_dir is not None and not resume:
         raise UserError(f"{config!r} is a run directory; add --resume to continue it")
+    target = run_dir if run_dir is not None else Path(cfg.output_dir) / cfg.name
     if check:
         from ..config import dump_config
         from ..data import load_data
@@ -74,10 +117,30 @@ def train(config: str | None, recipe: str | None, overrides: tuple[str, ...], re
         click.echo(dump_config(cfg).rstrip())
         click.echo(f"# ok: {cfg.data.name} with {len(data.train)} training, {len(data.val)} "
                    f"validation and {len(data.test)} test images")
+        exists = (target / "config.yaml").exists()
+        click.echo(f"# run directory: {target}" + (
+            " (exists: continue it with --resume, or start over with --force)" if exists and
+            not resume else " (exists)" if exists else " (new)"))
         return
     t0 = time.perf_counter()
-    path, summary = train_run(cfg, run_dir, resume=resume, force=force, quiet=quiet,
-                              evaluate=not no_eval)
+    complete = resume and _trained(target, cfg) and (
+        no_eval or (target / "eval" / "summary.json").exists())
+    try:
+        path, summary = train_run(cfg, run_dir, resume=resume, force=force, quiet=quiet,
+                                  evaluate=not no_eval)
+    except KeyboardInterrupt:
+        raise _interrupted(target) from None
+    from ..engine import distributed
+
+    if distributed.world_from_env()[0] != 0:
+        return  # the first process prints for all
+    if complete:
+        pos = run_progress(path) or {"epoch": cfg.train.epochs}
+        click.echo(f"run {path} is already complete ({pos['epoch']} epochs"
+                   + (", evaluated" if not no_eval else "") + "); nothing to do — evaluate "
+                   f"again with 'robustfair eval {path}', or train longer with --resume --set "
+                   f"train.epochs=N")
+        return
     if summary is not None:
         click.echo(class_table(summary, title=f"{cfg.name}: test accuracy (%) per class"))
     click.echo(f"run directory: {path}  ({time.perf_counter() - t0:.0f} s)")

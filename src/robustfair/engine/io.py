@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,31 +19,68 @@ from ..errors import UserError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: never a truncated file."""
+    """Write to a temporary file in the same folder, fsync, rename: never a truncated file.
+
+    The file gets the permissions that the umask gives a new file (0644 under umask 022), as
+    ``open`` would; every failure (a read-only folder, a full disk) is a one-line
+    :class:`UserError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        _fsync_dir(path.parent)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if exc.errno == 28:
-            raise UserError(f"no space left on the device writing {path}; free disk space and "
-                            f"resume with --resume") from None
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise write_error(path, exc) from None
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_error(path: str | Path, exc: OSError) -> UserError:
+    """The one-line error for a file or folder that cannot be written."""
+    if exc.errno == errno.ENOSPC:
+        return UserError(f"no space left on the device writing {path}; free disk space and "
+                         f"resume with --resume")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = exc.filename or path
+        return UserError(f"cannot write {path}: permission denied on {where}; choose a "
+                         f"writable output folder or fix its permissions")
+    return UserError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def make_dir(path: str | Path) -> Path:
+    """``mkdir -p`` whose failure is a one-line :class:`UserError`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -116,12 +155,26 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
                 f"loaded; refused — save only tensors (a state dict) or use .safetensors"
             ) from None
         raise UserError(
-            f"checkpoint {str(path)!r} is truncated or not a PyTorch checkpoint ({msg[:120]}); "
-            f"use an intact file"
+            f"checkpoint {str(path)!r} is truncated or not a PyTorch checkpoint "
+            f"({shorten(first_sentence(msg), 160)}); use an intact file"
         ) from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a (library's) error message, without its final full stop."""
+    return re.split(r"(?<=[.!?])\s+", " ".join(text.split()), maxsplit=1)[0].rstrip(".")
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` cut at a word boundary to at most ``width`` characters, with "…" when cut."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1].rsplit(" ", 1)[0].rstrip(" ,;:.")
+    return cut + "…"
 
 
 def _load_safetensors(path: Path, map_location: Any) -> dict[str, Any]:

@@ -32,8 +32,8 @@ from ..samplers import SAMPLERS
 from ..weights import WEIGHTS
 from . import distributed
 from .evaluator import EvalResult, evaluate
-from .io import (atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint,
-                 sha256_file)
+from .io import (atomic_write_json, atomic_write_text, load_checkpoint, make_dir,
+                 save_checkpoint, sha256_file)
 from .progress import EvalProgress
 from .schedule import lr_at
 
@@ -216,12 +216,13 @@ class Trainer:
         if st.get("model_name") != self.cfg.model.name:
             raise UserError(f"the checkpoint is of model {st.get('model_name')!r} but the config "
                             f"says {self.cfg.model.name!r}; use the matching config")
-        try:
-            self.model.load_state_dict(st["model"])
-            self.objective.load_state_dict(st["objective"])
-        except RuntimeError as exc:
-            raise UserError(f"the checkpoint does not fit this model ({str(exc).splitlines()[0]});"
-                            f" use the config it was trained with") from None
+        for part in ("model", "objective"):
+            module = getattr(self, part)
+            problem = state_mismatch(module.state_dict(), st[part])
+            if problem:
+                raise UserError(f"the checkpoint does not fit this {part} ({problem}); use the "
+                                f"config it was trained with")
+            module.load_state_dict(st[part])
         self.optimizer.load_state_dict(st["optimizer"])
         self.budget.load_state_dict(st["budget"])
         self.policy.load_state_dict(st["policy"])
@@ -334,7 +335,7 @@ class Trainer:
             last = self.run_dir / "checkpoints" / "last.pt"
             where = str(last) if last.exists() else "none yet"
             raise TrainingDiverged(
-                f"the loss became {float(loss)} at epoch {self.epoch + 1}, step "
+                f"the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step "
                 f"{self.step_in_epoch + 1} (global step {self.global_step + 1}); the run stopped; "
                 f"last good checkpoint: {where}; lower the learning rate and resume"
             )
@@ -483,7 +484,8 @@ class Trainer:
             "train_clean_acc": float(stats["clean_correct"].sum() / cnt.sum()),
             "train_adv_acc": (float(stats["adv_correct"].sum() / cnt.sum())
                               if self._adv_seen or bool(stats["adv_correct"].any()) else None),
-            "images_per_s": float(stats["count"].sum()) / max(train_time, 1e-9),
+            # images trained by this process since the epoch (re)started, over that time
+            "images_per_s": seen / max(train_time, 1e-9),
             "time_s": train_time,
             "val": val,
         }
@@ -563,6 +565,23 @@ class Trainer:
         return m
 
 
+def state_mismatch(expected: dict[str, Tensor], given: dict[str, Any], show: int = 3) -> str:
+    """Why ``given`` does not load into a module whose state is ``expected`` ('' if it does):
+    the missing and unexpected keys and the tensors of another shape, a few of each."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} instead of {tuple(v.shape)}" for k, v in
+              expected.items() if k in given and hasattr(given[k], "shape")
+              and tuple(given[k].shape) != tuple(v.shape)]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected),
+                         ("other shape", shapes)):
+        if items:
+            more = f" and {len(items) - show} more" if len(items) > show else ""
+            parts.append(f"{label}: {', '.join(items[:show])}{more}")
+    return "; ".join(parts)
+
+
 def _brief(s: dict[str, Any]) -> dict[str, Any]:
     return {k: s[k] for k in ("avg", "worst", "worst_class", "gap", "per_class") if k in s}
 
@@ -593,17 +612,22 @@ def run_eval(model: nn.Module, data: DataBundle, cfg: RunConfig, out_dir: Path,
 def prepare_run_dir(cfg: RunConfig, force: bool = False, resume: bool = False,
                     run_dir: str | Path | None = None) -> Path:
     """Create ``runs/NAME`` and write the resolved config; refuse to overwrite by accident."""
+    from .lock import LOCK_NAME
+
     path = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
     cfg_text = dump_config(cfg)
-    if path.exists() and any(path.iterdir()):
+    # the training lock (taken before this) is not part of the run
+    content = [p for p in path.iterdir() if p.name != LOCK_NAME] if path.is_dir() else []
+    if content:
         if resume:
             return path
         if not force:
             raise UserError(f"run directory {str(path)!r} already exists; continue it with "
                             f"--resume, or start over with --force, or --set name=OTHER")
-        shutil.rmtree(path)
+        for p in content:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     elif resume:
         raise UserError(f"nothing to resume: {str(path)!r} has no run; drop --resume")
-    path.mkdir(parents=True, exist_ok=True)
+    make_dir(path)
     atomic_write_text(path / "config.yaml", cfg_text)
     return path

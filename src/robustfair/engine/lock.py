@@ -1,0 +1,131 @@
+"""One trainer per run directory: a lock file holding the owner's PID and host.
+
+``RUN/train.lock`` is created exclusively (``O_CREAT | O_EXCL``) when training starts and removed
+when it ends, however it ends. A second ``robustfair train`` of the same run directory stops with
+one line naming the owner. A lock left by a process that no longer exists on this host (a killed
+job) is stale and is taken over; a lock from another host cannot be checked from here, so the
+message says how to remove it by hand once no job is running there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .io import current_umask, write_error
+
+log = logging.getLogger("robustfair")
+
+LOCK_NAME = "train.lock"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this PID exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def read_lock(path: Path) -> dict[str, Any] | None:
+    """The lock's owner (pid, host, since, command), or None when there is no readable lock."""
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _is_stale(owner: dict[str, Any] | None) -> bool:
+    if owner is None:  # torn or empty: the writer died while writing it
+        return True
+    if owner.get("host") != socket.gethostname():
+        return False
+    pid = int(owner.get("pid", -1))
+    return pid <= 0 or pid == os.getpid() or not _alive(pid)
+
+
+def _describe(owner: dict[str, Any]) -> str:
+    since = owner.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
+    return f"PID {owner.get('pid')} on host {owner.get('host')} (since {when})"
+
+
+def _create(path: Path, owner: dict[str, Any]) -> bool:
+    """Create the lock file; False if it exists already."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~current_umask())
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(owner) + "\n")
+    return True
+
+
+def acquire(run_dir: str | Path, command: str = "train") -> Path:
+    """Take the lock of ``run_dir`` (created if needed) or raise a one-line :class:`UserError`."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(run_dir, exc) from None
+    path = run_dir / LOCK_NAME
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+             "command": command}
+    for _ in range(3):
+        if _create(path, owner):
+            return path
+        held = read_lock(path)
+        if held is not None and held.get("host") != socket.gethostname():
+            raise UserError(f"run directory {str(run_dir)!r} is locked by {_describe(held)}; "
+                            f"wait for that job, or delete {path} if no job runs there any more")
+        if not _is_stale(held):
+            raise UserError(f"run directory {str(run_dir)!r} is being trained by "
+                            f"{_describe(held)}; wait for it to finish or stop it")
+        log.warning("removing the stale lock of a job that no longer runs: %s",
+                    _describe(held) if held else "unreadable lock file")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    raise UserError(f"cannot take the lock {path}: other processes keep creating it; "
+                    f"make sure only one job trains {str(run_dir)!r}")
+
+
+def release(path: Path) -> None:
+    """Remove the lock if this process owns it."""
+    owner = read_lock(path)
+    if owner is not None and owner.get("pid") == os.getpid() and \
+            owner.get("host") == socket.gethostname():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[Path | None]:
+    """Hold the training lock of ``run_dir`` for the duration of the block (a no-op when
+    ``enabled`` is false, e.g. on the non-main processes of a distributed run)."""
+    if not enabled:
+        yield None
+        return
+    run_dir = Path(run_dir)
+    existed = run_dir.exists()
+    path = acquire(run_dir)
+    try:
+        yield path
+    finally:
+        release(path)
+        if not existed:  # a run that failed before writing anything leaves no folder
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
