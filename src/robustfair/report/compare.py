@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..engine.io import atomic_write_bytes, atomic_write_text
+from ..engine.io import atomic_write_bytes, atomic_write_text, make_dir
 from ..errors import UserError
 from ..metrics.classwise import rho
 from . import figures
@@ -83,6 +83,7 @@ class Row:
     rho_nat: float = float("nan")
     rho_rob: float = float("nan")
     baseline: bool = False
+    measured: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,9 +154,78 @@ def _row(label: str, runs: list[RunResult], attack: str) -> Row:
                stat(attack, "worst"))
 
 
+#: what a run's figures were measured at, shown per row and required equal across runs
+MEASURES = ("eps", "norm", "attack", "epochs")
+
+
+def measured_at(result: RunResult, attack: str) -> dict[str, Any]:
+    """The evaluation ε, norm and robust attack's settings and the training length of a run
+    (None where the run does not say)."""
+    s = result.summary.get("settings", {})
+    names = (result.summary.get("worst_case", {}).get("over", []) if attack == "worst_case"
+             else [attack])
+    specs = [a for a in s.get("attacks", []) if isinstance(a, dict) and a.get("attack") in names]
+    epochs = ((result.config or {}).get("train") or {}).get("epochs")
+    return {"eps": s.get("eps"), "norm": s.get("norm"),
+            "attack": json.dumps(specs, sort_keys=True) if specs else None, "epochs": epochs}
+
+
+def fmt_eps(eps: Any) -> str:
+    """ε as k/255 when it is one (8/255), else in 4 significant digits."""
+    if not isinstance(eps, (int, float)):
+        return "?"
+    k = eps * 255
+    return f"{round(k)}/255" if eps > 0 and abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
+
+
+def _shown(key: str, values: list[Any]) -> str:
+    known = sorted({json.dumps(v) for v in values if v is not None})
+    if not known:
+        return "?"
+    vals = [json.loads(v) for v in known]
+    if key == "eps":
+        return ", ".join(fmt_eps(v) for v in vals)
+    if key == "attack":
+        return ", ".join("; ".join(_attack_text(a) for a in json.loads(v)) for v in vals)
+    return ", ".join(str(v) for v in vals)
+
+
+def _attack_text(a: dict[str, Any]) -> str:
+    keys = [k for k in ("steps", "step_size", "restarts", "n_queries", "version") if k in a]
+    inner = ", ".join(f"{k} {round(a[k], 5) if isinstance(a[k], float) else a[k]}" for k in keys)
+    return f"{a.get('attack')}" + (f" ({inner})" if inner else "")
+
+
+def check_measured_alike(results: list[RunResult], attack: str, allow_mixed: bool) -> list[str]:
+    """Refuse runs measured at different ε, norm, attack settings or training lengths (a
+    UserError naming them), or with ``allow_mixed`` return one note per difference."""
+    notes = []
+    label = {"eps": "ε", "norm": "norm", "attack": f"{attack} settings", "epochs": "epochs"}
+    at = [measured_at(r, attack) for r in results]
+    for key in MEASURES:
+        by_value: dict[str, list[str]] = {}
+        for r, m in zip(results, at, strict=True):
+            if m[key] is not None:
+                by_value.setdefault(json.dumps(m[key], sort_keys=True), []).append(r.name)
+        if len(by_value) < 2:
+            continue
+        parts = [f"{_shown(key, [json.loads(v)])} ({', '.join(names[:3])}"
+                 f"{', …' if len(names) > 3 else ''})" for v, names in by_value.items()]
+        notes.append(f"the runs differ in {label[key]}: " + " vs ".join(parts))
+    if notes and not allow_mixed:
+        raise UserError("; ".join(notes) + "; compare runs measured alike (re-evaluate them with "
+                        "the same settings, e.g. 'robustfair eval RUN --eps 8/255'), or pass "
+                        "--allow-mixed to compare them anyway")
+    return notes
+
+
 def compare_runs(run_dirs: list[str | Path], baseline: str | Path | None = None,
-                 attack: str | None = None, group_by: str = "config") -> Comparison:
-    """Rows of the comparison table (baseline first), ρ against the baseline row."""
+                 attack: str | None = None, group_by: str = "config",
+                 allow_mixed: bool = False) -> Comparison:
+    """Rows of the comparison table (baseline first), ρ against the baseline row.
+
+    Runs measured at different ε, norm or robust-attack settings, or trained for different
+    numbers of epochs, are refused unless ``allow_mixed`` (then the differences are notes)."""
     if not run_dirs:
         raise UserError("give one or more run directories to compare")
     results = [load_result(d) for d in run_dirs]
@@ -163,6 +233,7 @@ def compare_runs(run_dirs: list[str | Path], baseline: str | Path | None = None,
     if base_dir is not None and base_dir not in [r.run_dir.resolve() for r in results]:
         results.insert(0, load_result(base_dir))
     att = choose_attack(results, attack)
+    mixed = check_measured_alike(results, att, allow_mixed)
     groups: dict[str, list[RunResult]] = {}
     for r in results:
         groups.setdefault(group_key(r, group_by), []).append(r)
@@ -178,7 +249,10 @@ def compare_runs(run_dirs: list[str | Path], baseline: str | Path | None = None,
                           base.clean_worst.mean)
         row.rho_rob = rho(row.robust_avg.mean, row.robust_worst.mean, base.robust_avg.mean,
                           base.robust_worst.mean)
-    comp = Comparison(rows, att)
+    for row in rows:
+        at = [measured_at(r, att) for r in row.runs]
+        row.measured = {k: _shown(k, [m[k] for m in at]) for k in MEASURES}
+    comp = Comparison(rows, att, notes=list(mixed))
     if att == "worst_case":
         overs = {tuple(r.summary["worst_case"].get("over", [])) for r in results}
         if len(overs) > 1:
@@ -216,7 +290,7 @@ def _unique_labels(rows: list[Row]) -> None:
 
 # ------------------------------------------------------------------------------- output
 HEAD = ["method", "runs", "clean avg", "clean worst", "ρ_nat", "robust avg", "robust worst",
-        "ρ_rob"]
+        "ρ_rob", "ε", "norm", "epochs"]
 
 
 def _pm(s: Stat) -> str:
@@ -233,16 +307,29 @@ def _rho(v: float) -> str:
 def table_rows(comp: Comparison) -> list[list[str]]:
     """The table's cells as text (accuracies in percent, mean ± std over seeds)."""
     return [[row.label, str(len(row.runs)), _pm(row.clean_avg), _pm(row.clean_worst),
-             _rho(row.rho_nat), _pm(row.robust_avg), _pm(row.robust_worst), _rho(row.rho_rob)]
+             _rho(row.rho_nat), _pm(row.robust_avg), _pm(row.robust_worst), _rho(row.rho_rob),
+             row.measured.get("eps", "?"), row.measured.get("norm", "?"),
+             row.measured.get("epochs", "?")]
             for row in comp.rows]
+
+
+def settings_text(comp: Comparison) -> str:
+    """ε, norm, robust attack and epochs of the comparison (per row when they differ)."""
+    parts = []
+    for key, label in (("eps", "ε"), ("norm", "norm"), ("attack", comp.attack),
+                       ("epochs", "epochs")):
+        vals = {row.measured.get(key, "?") for row in comp.rows}
+        parts.append(f"{label} {vals.pop()}" if len(vals) == 1 else f"{label} differs by row")
+    return ", ".join(parts)
 
 
 def caption(comp: Comparison) -> str:
     return (f"Accuracy (%) on the evaluation split, mean ± std (ddof 0) over the seeds of each "
             f"row; robust = {comp.attack}"
             + (" (per-sample worst case over the attacks)" if comp.attack == "worst_case" else "")
-            + f"; ρ against {comp.baseline.label}, from the rows' means; each run's "
-            f"main evaluation (eval/summary.json; others in eval/index.json are not used).")
+            + f"; ρ against {comp.baseline.label}, from the rows' means; measured at "
+            + settings_text(comp) + "; each run's main evaluation (eval/summary.json; others "
+            "in eval/index.json are not used).")
 
 
 def to_markdown(comp: Comparison) -> str:
@@ -257,14 +344,24 @@ def to_csv(comp: Comparison) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["method", "runs", "run_dirs", "attack", "baseline", "clean_avg", "clean_avg_std",
                 "clean_worst", "clean_worst_std", "rho_nat", "robust_avg", "robust_avg_std",
-                "robust_worst", "robust_worst_std", "rho_rob"])
+                "robust_worst", "robust_worst_std", "rho_rob", "eps", "norm", "epochs"])
     for row in comp.rows:
         stats = [row.clean_avg, row.clean_worst, row.robust_avg, row.robust_worst]
         ms = [(s.mean, s.std) if s.values else ("", "") for s in stats]
         w.writerow([row.label, len(row.runs), ";".join(str(r.run_dir) for r in row.runs),
                     comp.attack, int(row.baseline), *ms[0], *ms[1], _num(row.rho_nat),
-                    *ms[2], *ms[3], _num(row.rho_rob)])
+                    *ms[2], *ms[3], _num(row.rho_rob), *_measured_csv(row)])
     return buf.getvalue()
+
+
+def _measured_csv(row: Row) -> list[Any]:
+    """ε (as a number), norm and epochs of a row, '' where unknown or mixed."""
+    at = [measured_at(r, "clean") for r in row.runs]
+    out = []
+    for key in ("eps", "norm", "epochs"):
+        vals = {json.dumps(m[key]) for m in at}
+        out.append("" if len(vals) != 1 or (v := json.loads(vals.pop())) is None else v)
+    return out
 
 
 def _num(v: float) -> Any:
@@ -272,9 +369,22 @@ def _num(v: float) -> Any:
 
 
 def points(comp: Comparison) -> list[dict[str, Any]]:
-    return [{"label": r.label, "avg": r.robust_avg.mean, "worst": r.robust_worst.mean,
-             "avg_std": r.robust_avg.std, "worst_std": r.robust_worst.std}
+    mixed = _mixed(comp)
+    return [{"label": _point_label(r, mixed), "avg": r.robust_avg.mean,
+             "worst": r.robust_worst.mean, "avg_std": r.robust_avg.std,
+             "worst_std": r.robust_worst.std}
             for r in comp.rows if r.robust_avg.values]
+
+
+def _mixed(comp: Comparison) -> bool:
+    return any(len({row.measured.get(k) for row in comp.rows}) > 1 for k in MEASURES)
+
+
+def _point_label(row: Row, mixed: bool) -> str:
+    """The row's label; with its ε, norm and epochs when the rows differ in them."""
+    m = row.measured
+    return row.label + (f" (ε {m.get('eps')}, {m.get('norm')}, {m.get('epochs')} ep)"
+                        if mixed else "")
 
 
 def to_html(comp: Comparison, png_b64: str) -> str:
@@ -297,9 +407,12 @@ def to_html(comp: Comparison, png_b64: str) -> str:
 
 def write_outputs(comp: Comparison, out_dir: str | Path) -> dict[str, Path]:
     """Write ``compare.md``, ``compare.csv``, ``compare.html`` and ``avg_vs_worst.png``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    png = figures.to_png(figures.avg_vs_worst(points(comp), comp.attack, comp.baseline.label))
+    out = make_dir(out_dir)
+    fig = figures.avg_vs_worst(points(comp), comp.attack,
+                               _point_label(comp.baseline, _mixed(comp)))
+    fig.axes[0].set_title(f"robust accuracy: average against worst class\n{settings_text(comp)}",
+                          fontsize=9)
+    png = figures.to_png(fig)
     import base64
 
     paths = {"markdown": out / "compare.md", "csv": out / "compare.csv",
