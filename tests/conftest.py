@@ -14,6 +14,26 @@ from robustfair.models import build_model
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared, busy CPU two spinning threads per process are far
+    slower than one. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001
+    """Run ``robustfair ARGV`` in this process: (exit code, stdout, stderr)."""
+    from robustfair.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return int(exc.value.code or 0), out.out, out.err
+
+
 @pytest.fixture(scope="session")
 def digits():
     """The digits bundle (8×8, 10 classes), with a validation split."""

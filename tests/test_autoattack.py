@@ -19,25 +19,14 @@ from robustfair.attacks.square import eta, p_selection
 EPS = 0.1  # on the normally trained digits MLP: clean ≈ 97%, APGD-CE ≈ 52%
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, busy CPU two spinning threads per process are far
-    slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def mlp(one_thread, digits):
-    """An MLP (one hidden layer of 64) trained normally on digits: about 97% clean accuracy."""
-    from conftest import train_quick
-    from robustfair.models import build_model
-
-    torch.manual_seed(0)
-    m = build_model("mlp", 1, 10, 8, digits.mean, digits.std, hidden=[64])
-    return train_quick(m, digits, epochs=30)
+def mlp(trained_mlp):
+    """conftest's MLP (one hidden layer of 64) trained normally on digits: about 97% clean
+    accuracy."""
+    return trained_mlp
 
 
 def acc(model, x, y) -> float:

@@ -26,14 +26,7 @@ from robustfair.models import build_model
 METHODS = ["gradcam", "xgradcam", "layercam"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, busy CPU two spinning threads per process are far
-    slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quadrant_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from robustfair.attacks import apgd as apgd_mod
 from robustfair.attacks import apgdt as apgdt_mod
 from robustfair.attacks import autoattack as aa_mod
 from robustfair.attacks import fab as fab_mod
-from robustfair.cli import main
+from conftest import run_cli
 from robustfair.commands.evaluate import STATE_FILE, evaluate_run
 from robustfair.config import DataConfig, load_config
 from robustfair.data import load_data
@@ -32,14 +32,7 @@ TINY = [
 EVAL = ["eval.n=60", "eval.eps=0.1", "eval.batch_size=25"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, busy CPU two spinning threads per process are far
-    slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +59,7 @@ def short_square(monkeypatch):
     monkeypatch.setattr(aa_mod, "_component_params", capped)
 
 
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return int(exc.value.code or 0), out.out, out.err
+cli = run_cli  # (exit code, stdout, stderr) of robustfair ARGV
 
 
 def test_autoattack_per_stage_per_class_and_confusion(run_dir, capsys):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import pkgutil
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,6 +36,18 @@ def _add_plugin_commands() -> None:
 _add_plugin_commands()
 
 
+def _interrupted(args: list[str]) -> str:
+    """What Ctrl-C prints: for an evaluation, the command that continues it."""
+    if args[:1] == ["eval"] and "--checks" not in args:
+        again = args + ([] if "--resume" in args else ["--resume"])
+        return f"interrupted; continue with: robustfair {shlex.join(again)}"
+    return "interrupted"
+
+
+#: file-system errors that are the user's to fix (permissions, read-only or full disk)
+_USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes end in one line on stderr and exit code 2, never a traceback."""
     try:
@@ -47,12 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort as exc:
         # click turns Ctrl-C into Abort; a command with something to resume says so itself
         ctrl_c = isinstance(exc.__context__, KeyboardInterrupt)
-        click.echo("interrupted" if ctrl_c else "aborted", err=True)
+        click.echo(_interrupted(sys.argv[1:] if argv is None else argv) if ctrl_c else "aborted",
+                   err=True)
         sys.exit(130)
-    except PermissionError as exc:
-        click.echo(f"error: permission denied on {exc.filename or exc}; choose a writable "
-                   f"output folder or fix its permissions", err=True)
-        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; resume with --resume", err=True)
         sys.exit(130)
@@ -61,6 +72,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2 if exc.exit_code in (1, 2) else exc.exit_code)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS:
+            raise
+        from .engine.io import write_error
+
+        click.echo(f"error: {write_error(exc.filename or '', exc)}", err=True)
+        sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -154,6 +154,7 @@ def generate_folders(out_dir: str | Path, data: Any, per_cell: int = 500, qualit
     """Fit the generator on ``data.train`` (a DataBundle with groups) and write
     ``out_dir/LABEL_GROUP/NNNNN.png`` plus ``generator.json``; returns that description."""
     from .data.generated import write_group_folders
+    from .engine.io import make_dir
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -162,6 +163,7 @@ def generate_folders(out_dir: str | Path, data: Any, per_cell: int = 500, qualit
         import shutil
 
         shutil.rmtree(out)
+    make_dir(out)  # a folder that cannot be written fails here, before the generator is fitted
     if not data.group_names:
         raise UserError(f"dataset {data.name!r} has no groups; the generator is conditioned on "
                         f"(label, group)")

@@ -132,6 +132,9 @@ def format_validation_error(exc: ValidationError, where: str = "") -> str:
         return f"{field}: unknown key; remove it or check the spelling"
     if kind == "missing":
         return f"{field}: required field is missing"
+    msg = msg.removeprefix("Value error, ")
+    if not loc:  # a check of the whole model: its input is the whole config, not worth showing
+        return f"{field}: {msg}"
     value = err.get("input")
     shown = repr(value)
     if len(shown) > 60:

@@ -18,7 +18,7 @@ from ..registry import Registry
 
 ATTACKS: Registry = Registry("attack", package="robustfair.attacks")
 
-from .base import Attack, as_eps, project  # noqa: E402
+from .base import Attack, as_eps, project, unknown_params  # noqa: E402
 
 _SPEC = re.compile(r"^([a-z][a-z_-]*?[a-z])-?(\d+)?$")
 
@@ -48,7 +48,10 @@ def build_attack(
     name, steps = parse_attack_spec(spec)
     cls = ATTACKS.get(name)
     fields = cls.Params.model_fields
-    kw: dict[str, Any] = {k: v for k, v in params.items() if k in fields}
+    problem = unknown_params(cls.Params, params, name)
+    if problem:
+        raise UserError(problem)
+    kw: dict[str, Any] = dict(params)
     if not bounded:
         if "clip" in fields:
             kw["clip"] = False

@@ -104,7 +104,7 @@ class AutoAttack(Attack):
 
     def stages(self) -> list[tuple[str, Attack]]:
         """The components in order, built for this norm, seed and budget."""
-        from . import build_attack
+        from . import build_attack, parse_attack_spec
 
         extra = dict(VERSIONS[self.version]) if not self.attacks else {}
         out: list[tuple[str, Attack]] = []
@@ -112,6 +112,8 @@ class AutoAttack(Attack):
             ex = extra.get(name, {})
             base = ex.get("attack", name)
             kw = _component_params(base, self.params.model_dump(), ex)
+            fields = ATTACKS.get(parse_attack_spec(base)[0]).Params.model_fields
+            kw = {k: v for k, v in kw.items() if k in fields}  # e.g. no seed for PGD
             atk = build_attack(base, self.norm, **kw)
             atk.spec = name
             out.append((name, atk))

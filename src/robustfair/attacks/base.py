@@ -10,9 +10,47 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 
 class AttackParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def unknown_params(params_model: type[BaseModel], given: dict[str, Any], name: str) -> str:
+    """'' if every key of ``given`` is a parameter of the attack, else a one-line message naming
+    the first unknown key, the closest parameter and the list of parameters."""
+    import difflib
+
+    fields = sorted(params_model.model_fields)
+    for key in given:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return (f"attack {name!r} has no parameter {key!r}{hint}; its parameters: "
+                    f"{', '.join(f for f in fields if f != 'norm')}")
+    return ""
+
+
+class InputRangeError(UserError, ValueError):
+    """Images outside [0, 1] given to an attack that works in [0, 1]."""
+
+
+def check_unit_range(x: Tensor, tol: float = 1e-4, can_unclip: bool = False) -> None:
+    """Refuse inputs outside [0, 1]: an attack would clip them there and report nonsense."""
+    if not x.is_floating_point() or x.numel() == 0:
+        if not x.is_floating_point():
+            raise InputRangeError(f"attack inputs must be float images in [0, 1], got dtype "
+                                  f"{x.dtype}; convert with x.float() / 255")
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if lo < -tol or hi > 1 + tol:
+        hint = ("divide them by 255" if hi > 2 else "undo the normalization and put it inside "
+                "the model (robustfair.models.normalize.Normalize)")
+        raise InputRangeError(f"attack inputs must be images in [0, 1], got values in "
+                              f"[{lo:.3g}, {hi:.3g}]; {hint}"
+                              + (", or pass clip=False for inputs that are not images"
+                                 if can_unclip else ""))
 
 
 def as_eps(eps: float | Tensor, x: Tensor) -> Tensor:
@@ -124,6 +162,8 @@ class Attack:
         self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor,
         step_size: float | Tensor | None = None,
     ) -> Tensor:
+        if getattr(self, "clip", True):
+            check_unit_range(x, can_unclip="clip" in self.params.model_fields)
         e = as_eps(eps, x)
         with eval_mode(model), torch.enable_grad():
             x_adv = self.perturb(model, x.detach(), y, e, step_size)

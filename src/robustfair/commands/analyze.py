@@ -18,8 +18,9 @@ from ._common import setup_logging
 @click.option("--cam", is_flag=True, help="Save a grid of images with their CAM and ε map.")
 @click.option("--attack", default="pgd20", show_default=True,
               help="Attack used for the class-similarity matrix.")
-@click.option("--n", "n", type=int, default=None, help="Use at most N test images.")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--n", "n", type=click.IntRange(min=1), default=None,
+              help="Use at most N test images.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the paths of the saved files.")
 def command(run_dir: Path, cam: bool, attack: str, n: int | None, quiet: bool) -> None:
     """Class-distance analysis of a run (or, with --cam, its class activation maps)."""
     setup_logging(quiet)
@@ -28,6 +29,10 @@ def command(run_dir: Path, cam: bool, attack: str, n: int | None, quiet: bool) -
 
         analyze_cam(run_dir, n=n, quiet=quiet)
     else:
-        from ..analysis.class_distance import analyze_class_distance
+        from ..analysis.class_distance import analyze_class_distance, summary_text
 
-        analyze_class_distance(run_dir, attack=attack, n=n, quiet=quiet)
+        result = analyze_class_distance(run_dir, attack=attack, n=n, quiet=True)
+        if not quiet:
+            click.echo(summary_text(result))
+        out = run_dir / "analysis"
+        click.echo(f"saved: {out / 'class_distance.json'}, {out / 'class_distance.png'}")

@@ -40,6 +40,7 @@ def _study_raw(opts: dict[str, Any]) -> dict[str, Any]:
     """Preset of the dataset, then the command-line options, then ``--set`` overrides."""
     from ..studies.presets import study_preset
 
+    _check_dataset(opts)
     raw = study_preset(opts["dataset"], opts["alpha"], opts["preset"])
     if opts["alpha"] is not None and opts["dataset"] != "stable-mixture":
         raise UserError("--alpha applies to --dataset stable-mixture only")
@@ -79,6 +80,26 @@ def _study_raw(opts: dict[str, Any]) -> dict[str, Any]:
     for ov in opts["overrides"]:
         apply_override(raw, ov)
     return raw
+
+
+def _check_dataset(opts: dict[str, Any]) -> None:
+    """One-line errors for a dataset the study does not know and an α without its ε grid."""
+    from ..data.stable_mixture import ALPHA_NAMES
+    from ..studies.presets import preset_names
+
+    dataset, alpha = opts["dataset"], opts["alpha"]
+    if dataset not in preset_names():
+        from ..data import DATASETS
+
+        if dataset not in DATASETS:
+            raise UserError(f"--dataset {dataset!r}: unknown; the study runs on "
+                            f"{', '.join(preset_names())}")
+    has_grid = opts["eps_l2"] is not None and opts["eps_linf"] is not None
+    if dataset == "stable-mixture" and alpha is not None and float(alpha) not in ALPHA_NAMES \
+            and not has_grid:
+        known = ", ".join(f"{a:g}" for a in sorted(ALPHA_NAMES))
+        raise UserError(f"--alpha {alpha:g}: the paper's ε grids exist for α = {known}; choose "
+                        f"one, or give the grids with --eps-l2 and --eps-linf")
 
 
 @click.group("study")

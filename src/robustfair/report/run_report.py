@@ -119,6 +119,7 @@ def _settings(ctx: _Ctx) -> str:
     cfg = ctx.rf.config
     if cfg is not None:
         rows += _config_rows(cfg)
+    rows += _history_rows(ctx.rf.run_dir)
     s = (ctx.rf.summary or {}).get("settings")
     if s is not None:
         rows += _eval_rows(s)
@@ -132,6 +133,20 @@ def _settings(ctx: _Ctx) -> str:
     if not rows:
         return unavailable("no config.yaml and no evaluation settings in eval/summary.json")
     return table(["setting", "value", "from"], rows, css="left")
+
+
+def _history_rows(run_dir: Path) -> list[list[Any]]:
+    """One row per setting changed on --resume: old → new, and from which epoch and step."""
+    from ..engine.history import HISTORY, read_history
+
+    rows = []
+    for entry in read_history(run_dir):
+        pos = entry.get("from", {})
+        when = f"from epoch {pos.get('epoch', 0) + 1} step {pos.get('step_in_epoch', 0) + 1}"
+        for key, ch in entry.get("changes", {}).items():
+            rows.append([f"changed on resume: {key}",
+                         f"{ch.get('old')} → {ch.get('new')} ({when})", HISTORY])
+    return rows
 
 
 def _get(d: dict[str, Any], *path: str) -> Any:

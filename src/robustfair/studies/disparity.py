@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..config import DataConfig
 from ..data import DataBundle, load_data
-from ..engine.io import atomic_write_json
+from ..engine.io import atomic_write_json, make_dir
 from ..errors import UserError
 from ..metrics.classwise import per_class_accuracy
 from ..registry import format_validation_error
@@ -287,7 +287,7 @@ def run_disparity_study(cfg: DisparityStudyConfig, out_dir: str | Path, workers:
     cells_dir = out / "cells"
     if force and cells_dir.exists():
         shutil.rmtree(cells_dir)
-    cells_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(cells_dir)
     atomic_write_json(out / "study.json", cfg.model_dump())
     done = load_done(cfg, cells_dir)
     jobs = plan_jobs(cfg, done)
