@@ -40,6 +40,7 @@ def _run(tmp_path: Path, name: str, nproc: int, extra: dict | None = None) -> Pa
                f"--nproc_per_node={nproc}", "-m", "robustfair.cli", "train", str(cfg), "-q"]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("test accuracy (%) per class") == 1  # printed once, not per process
     return tmp_path / "runs" / name
 
 

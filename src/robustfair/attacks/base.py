@@ -163,7 +163,7 @@ class Attack:
         step_size: float | Tensor | None = None,
     ) -> Tensor:
         if getattr(self, "clip", True):
-            check_unit_range(x, can_unclip="clip" in self.params.model_fields)
+            check_unit_range(x, can_unclip="clip" in type(self.params).model_fields)
         e = as_eps(eps, x)
         with eval_mode(model), torch.enable_grad():
             x_adv = self.perturb(model, x.detach(), y, e, step_size)

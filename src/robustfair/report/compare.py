@@ -175,7 +175,10 @@ def fmt_eps(eps: Any) -> str:
     if not isinstance(eps, (int, float)):
         return "?"
     k = eps * 255
-    return f"{round(k)}/255" if eps > 0 and abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
+    short = f"{eps:g}"
+    if len(short) > 4 and eps > 0 and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{eps:.4g}"
 
 
 def _shown(key: str, values: list[Any]) -> str:
@@ -191,7 +194,8 @@ def _shown(key: str, values: list[Any]) -> str:
 
 
 def _attack_text(a: dict[str, Any]) -> str:
-    keys = [k for k in ("steps", "step_size", "restarts", "n_queries", "version") if k in a]
+    keys = [k for k in ("steps", "step_size", "restarts", "n_queries", "version")
+            if a.get(k) is not None]
     inner = ", ".join(f"{k} {round(a[k], 5) if isinstance(a[k], float) else a[k]}" for k in keys)
     return f"{a.get('attack')}" + (f" ({inner})" if inner else "")
 
@@ -235,8 +239,9 @@ def compare_runs(run_dirs: list[str | Path], baseline: str | Path | None = None,
     att = choose_attack(results, attack)
     mixed = check_measured_alike(results, att, allow_mixed)
     groups: dict[str, list[RunResult]] = {}
-    for r in results:
-        groups.setdefault(group_key(r, group_by), []).append(r)
+    for r in results:  # runs measured differently are never pooled as seeds of one row
+        key = group_key(r, group_by) + json.dumps(measured_at(r, att), sort_keys=True)
+        groups.setdefault(key, []).append(r)
     rows = [_row(base_name(g[0].name), g, att) for g in groups.values()]
     _unique_labels(rows)
     base = rows[0] if base_dir is None else next(
@@ -316,7 +321,7 @@ def table_rows(comp: Comparison) -> list[list[str]]:
 def settings_text(comp: Comparison) -> str:
     """ε, norm, robust attack and epochs of the comparison (per row when they differ)."""
     parts = []
-    for key, label in (("eps", "ε"), ("norm", "norm"), ("attack", comp.attack),
+    for key, label in (("eps", "ε"), ("norm", "norm"), ("attack", "attack"),
                        ("epochs", "epochs")):
         vals = {row.measured.get(key, "?") for row in comp.rows}
         parts.append(f"{label} {vals.pop()}" if len(vals) == 1 else f"{label} differs by row")
