@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 from pydantic import ValidationError
 
 from ..config import DataConfig, apply_override
+from ..engine.io import make_dir
 from ..errors import UserError
 from ..registry import format_validation_error
 from ._common import setup_logging
@@ -50,8 +52,16 @@ def generate(out_dir: Path, dataset: str, overrides: tuple[str, ...], per_cell: 
         cfg = DataConfig(**raw)
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, "data")) from None
-    data = load_data(cfg)
-    info = generate_folders(out_dir, data, per_cell, quality, components, modes, seed, force)
+    existed = out_dir.exists()
+    make_dir(out_dir)  # a folder that cannot be written fails now, before the data is loaded
+    try:
+        data = load_data(cfg)
+        info = generate_folders(out_dir, data, per_cell, quality, components, modes, seed, force)
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if still empty: nothing half-made is left
+        raise
     total = sum(info["counts"].values())
     click.echo(f"wrote {total} images in {len(info['counts'])} folders under {out_dir} "
                f"(quality {quality}, {info['components']} components)")

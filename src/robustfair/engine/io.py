@@ -57,6 +57,8 @@ def write_error(path: str | Path, exc: OSError) -> UserError:
                          f"resume with --resume")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         where = exc.filename or path
+        if exc.filename and Path(exc.filename).name.startswith(f".{Path(path).name}."):
+            where = Path(path).parent  # the temporary file beside it: the folder is the problem
         return UserError(f"cannot write {path}: permission denied on {where}; choose a "
                          f"writable output folder or fix its permissions")
     return UserError(f"cannot write {path}: {exc.strerror or exc}")
