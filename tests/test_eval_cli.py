@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from robustfair.attacks import apgd as apgd_mod
 from robustfair.attacks import apgdt as apgdt_mod
 from robustfair.attacks import autoattack as aa_mod
 from robustfair.attacks import fab as fab_mod
-from conftest import run_cli
 from robustfair.commands.evaluate import STATE_FILE, evaluate_run
 from robustfair.config import DataConfig, load_config
 from robustfair.data import load_data

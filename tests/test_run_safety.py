@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_cli
 
+from conftest import run_cli
 from robustfair.engine.io import atomic_write_text, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
