@@ -38,6 +38,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _start_ticks(pid: int) -> int | None:
+    """When the process started (clock ticks since boot, Linux), to tell a reused PID apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def read_lock(path: Path) -> dict[str, Any] | None:
     """The lock's owner (pid, host, since, command), or None when there is no readable lock."""
     try:
@@ -53,7 +62,10 @@ def _is_stale(owner: dict[str, Any] | None) -> bool:
     if owner.get("host") != socket.gethostname():
         return False
     pid = int(owner.get("pid", -1))
-    return pid <= 0 or pid == os.getpid() or not _alive(pid)
+    if pid <= 0 or pid == os.getpid() or not _alive(pid):
+        return True
+    started, now = owner.get("started"), _start_ticks(pid)
+    return started is not None and now is not None and started != now  # the PID was reused
 
 
 def _describe(owner: dict[str, Any]) -> str:
@@ -84,7 +96,7 @@ def acquire(run_dir: str | Path, command: str = "train") -> Path:
         raise write_error(run_dir, exc) from None
     path = run_dir / LOCK_NAME
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-             "command": command}
+             "started": _start_ticks(os.getpid()), "command": command}
     for _ in range(3):
         if _create(path, owner):
             return path
