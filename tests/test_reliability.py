@@ -164,10 +164,16 @@ def test_broken_checkpoints_give_one_line_errors(tmp_path, capsys):
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     run = _trained_run(tmp_path)
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit) as exc:  # the run's record would be false
         main(["train", str(run), "--resume", "-q", "--set", "model.params.hidden=[16]"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "does not fit this model" in err
+    assert exc.value.code == 2 and "cannot change model.params.hidden" in err
+    cfg = run / "config.yaml"  # edited by hand: the checkpoint no longer fits, and says why
+    cfg.write_text(cfg.read_text().replace("- 32", "- 16"))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(run), "--resume", "-q"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "does not fit this model (other shape: " in err
 
 
 def test_injected_nan_stops_the_run(tmp_path, monkeypatch):

@@ -127,7 +127,10 @@ def check_eps_zero(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf",
                    attack: str = "pgd10", bounded: bool = True) -> CheckResult:
     """An attack with ε = 0 gives exactly the clean predictions."""
     clean = _logits(model, x).argmax(1)
-    x_adv = build_attack(attack, norm, bounded=bounded)(model, x, y, 0.0)
+    outside = bounded and (float(x.min()) < 0 or float(x.max()) > 1)
+    # the attacks refuse inputs outside [0, 1]; what clipping them would do is what is checked
+    x_adv = (x.clamp(0, 1) if outside else
+             build_attack(attack, norm, bounded=bounded)(model, x, y, 0.0))
     adv = _logits(model, x_adv).argmax(1)
     acc_c, acc_a = float((clean == y).float().mean()), float((adv == y).float().mean())
     changed = int((clean != adv).sum())
@@ -135,7 +138,6 @@ def check_eps_zero(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf",
     if changed == 0:
         return CheckResult("eps_zero", True, f"ε = 0 gives the clean accuracy ({_pct(acc_c)})",
                            details=d)
-    outside = float(x.min()) < 0 or float(x.max()) > 1
     fix = ("give images in [0, 1] and put the normalization inside the model (the attacks "
            "clip to [0, 1])" if outside else
            "the model's predictions change between calls or modes (randomness, BatchNorm or "

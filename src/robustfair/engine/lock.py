@@ -132,12 +132,14 @@ def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[Path | None]
         yield None
         return
     run_dir = Path(run_dir)
-    existed = run_dir.exists()
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     path = acquire(run_dir)
     try:
         yield path
     finally:
         release(path)
-        if not existed:  # a run that failed before writing anything leaves no folder
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
+        for folder in created:  # a run that failed before writing anything leaves no folder
+            try:
+                folder.rmdir()
+            except OSError:
+                break
