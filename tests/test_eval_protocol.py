@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli as cli
 
 import robustfair as rf
 from robustfair.cli import main
@@ -42,13 +43,6 @@ def run(tmp_path_factory):
     path = rf.train(cfg)
     first = json.loads((path / "eval" / "summary.json").read_text())
     return path, first
-
-
-def cli(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return int(exc.value.code or 0), out.out, out.err
 
 
 def _per_class_counts(indices, labels):

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
+from conftest import run_cli as cli
 from conftest import write_cifar10
 
-from robustfair.cli import main
 from robustfair.models import zoo
 
 NAME = "Wong2020Fast"  # a PreAct ResNet-18 with its normalization inside
@@ -41,13 +41,6 @@ def zoo_files(tmp_path_factory):
     path.parent.mkdir(parents=True)
     torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
     return root, net
-
-
-def cli(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return int(exc.value.code or 0), out.out, out.err
 
 
 def test_robustbench_model_is_evaluated_from_the_local_layout(zoo_files, capsys):

@@ -212,4 +212,5 @@ def fairbatch_synthetic(cfg: Any) -> DataBundle:
     mean = tuple(float(v) for v in train.x.mean((0, 2, 3)))
     std = tuple(float(v) for v in train.x.std((0, 2, 3)).clamp_min(1e-3))
     return DataBundle("fairbatch-synthetic", train, val, test, 2, mean, std, "none",
-                      ["negative", "positive"], ["z0", "z1"], {"rotation": p.rotation})
+                      ["negative", "positive"], ["z0", "z1"],
+                      {"rotation": p.rotation, "bounded": False})

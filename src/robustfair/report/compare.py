@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ..engine.history import flatten as _flat
 from ..engine.io import atomic_write_bytes, atomic_write_text, make_dir
 from ..errors import UserError
 from ..metrics.classwise import rho
@@ -266,15 +267,6 @@ def compare_runs(run_dirs: list[str | Path], baseline: str | Path | None = None,
     for note in comp.notes:
         log.warning("warning: %s", note)
     return comp
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _unique_labels(rows: list[Row]) -> None:
