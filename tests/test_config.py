@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli as run_cli_here
 
 from robustfair.config import load_config, recipe_names
 from robustfair.errors import UserError
@@ -105,9 +106,9 @@ def test_cli_errors_are_one_line_exit_2_and_leave_nothing(tmp_path, args, needle
     assert not (tmp_path / "runs").exists()
 
 
-def test_cli_listings(tmp_path):
+def test_cli_listings(capsys):
     for what, expect in (("recipes", "mnist5k-trades"), ("datasets", "mnist5k"),
                          ("models", "smallcnn"), ("methods", "trades"), ("attacks", "pgd")):
-        r = run_cli(what, cwd=tmp_path)
-        assert r.returncode == 0 and expect in r.stdout
-        assert all(len(line.split()) >= 2 for line in r.stdout.strip().splitlines())
+        code, out, _ = run_cli_here([what], capsys)
+        assert code == 0 and expect in out
+        assert all(len(line.split()) >= 2 for line in out.strip().splitlines())
