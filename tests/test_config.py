@@ -97,13 +97,22 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["eval", "no-such-run"], "not a run directory"),
     ],
 )
-def test_cli_errors_are_one_line_exit_2_and_leave_nothing(tmp_path, args, needle):
-    r = run_cli(*args, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], r.stderr
+def test_cli_errors_are_one_line_exit_2_and_leave_nothing(tmp_path, args, needle, capsys,
+                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli_here(args, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_cli_error_in_a_real_process_is_one_line(tmp_path):
+    r = run_cli("train", "--recipe", "nope", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "unknown recipe" in lines[0], r.stderr
 
 
 def test_cli_listings(capsys):
