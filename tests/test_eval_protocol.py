@@ -27,12 +27,7 @@ TINY = ["data.name=digits", "data.train_limit=300", "model.name=mlp",
         "eval.n=100", "eval.batch_size=70", "logging.progress=false", "device=cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from robustfair.models import zoo
 NAME = "Wong2020Fast"  # a PreAct ResNet-18 with its normalization inside
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
