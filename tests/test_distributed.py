@@ -15,6 +15,8 @@ import yaml
 
 from robustfair.engine.io import load_checkpoint
 
+from conftest import run_cli
+
 CFG = {
     "seed": 1, "deterministic": True,
     "data": {"name": "digits", "train_limit": 512},
@@ -28,30 +30,45 @@ CFG = {
 }
 
 
-def _run(tmp_path: Path, name: str, nproc: int, extra: dict | None = None) -> Path:
+def _run(tmp_path: Path, name: str, nproc: int, extra: dict | None = None,
+         capsys=None) -> Path:  # noqa: ANN001
+    """Train CFG (+ ``extra``) as ``name``: in this process (nproc 1, one thread) or under
+    torchrun with ``nproc`` processes."""
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump({**CFG, **(extra or {}), "name": name,
                                    "output_dir": str(tmp_path / "runs")}))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     if nproc == 1:
-        cmd = [sys.executable, "-m", "robustfair.cli", "train", str(cfg), "-q"]
+        code, out, err = run_cli(["train", str(cfg), "-q"], capsys)
+        assert code == 0, err[-3000:]
     else:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "robustfair.cli", "train", str(cfg), "-q"]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("test accuracy (%) per class") == 1  # printed once, not per process
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = r.stdout
+    assert out.count("test accuracy (%) per class") == 1  # printed once, not per process
     return tmp_path / "runs" / name
 
 
 @pytest.mark.timeout(900)
-def test_two_processes_equal_one(tmp_path):
-    one = _run(tmp_path, "one", 1)
-    two = _run(tmp_path, "two", 2)
-    a = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(two / "checkpoints" / "last.pt")["model"]
+def test_two_processes_equal_one(tmp_path, capsys, one_thread):
+    """PGD-AT with DAFA's class weights (computed from the first epoch's adversarial
+    predictions, gathered over processes): weights, DAFA's class weights, per-class metrics and
+    the logged loss equal those of one process."""
+    extra = {"method": {"objective": {"name": "pgd_at", "random_start": False},
+                        "policy": {"name": "dafa", "warmup": 1, "lam": 1.0}}}
+    one = _run(tmp_path, "one", 1, extra, capsys)
+    two = _run(tmp_path, "two", 2, extra)
+    ca = load_checkpoint(one / "checkpoints" / "last.pt")
+    cb = load_checkpoint(two / "checkpoints" / "last.pt")
+    a, b = ca["model"], cb["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    wa, wb = ca["policy"]["weights"], cb["policy"]["weights"]
+    assert not torch.allclose(wa, torch.ones_like(wa))  # DAFA did move the weights
+    assert torch.allclose(wa, wb, atol=1e-6)
     sa = json.loads((one / "eval" / "summary.json").read_text())
     sb = json.loads((two / "eval" / "summary.json").read_text())
     for atk in ("clean", "fgsm"):
@@ -62,19 +79,6 @@ def test_two_processes_equal_one(tmp_path):
     assert abs(la[-1]["train_loss"] - lb[-1]["train_loss"]) < 1e-5
 
 
-@pytest.mark.timeout(900)
-def test_dafa_class_weights_equal_under_two_processes(tmp_path):
-    extra = {"method": {"objective": {"name": "pgd_at", "random_start": False},
-                        "policy": {"name": "dafa", "warmup": 1, "lam": 1.0}},
-             "eval": {"attacks": ["clean"]}}
-    one = _run(tmp_path, "dafa1", 1, extra)
-    two = _run(tmp_path, "dafa2", 2, extra)
-    wa = load_checkpoint(one / "checkpoints" / "last.pt")["policy"]["weights"]
-    wb = load_checkpoint(two / "checkpoints" / "last.pt")["policy"]["weights"]
-    assert not torch.allclose(wa, torch.ones_like(wa))  # DAFA did move the weights
-    assert torch.allclose(wa, wb, atol=1e-6)
-
-
 BN = {"model": {"name": "resnet18", "params": {"width": 4}},
       "method": {"objective": {"name": "standard"}},
       "train": {"epochs": 1, "batch_size": 64, "optimizer": {"lr": 0.01, "momentum": 0.0}},
@@ -82,10 +86,11 @@ BN = {"model": {"name": "resnet18", "params": {"width": 4}},
 
 
 @pytest.mark.timeout(900)
-def test_sync_batchnorm_two_processes_equal_one(tmp_path):
+def test_sync_batchnorm_two_processes_equal_one(tmp_path, capsys, one_thread):
     """train.sync_bn: BatchNorm statistics over the global batch, so 2 processes (gloo) give the
     weights and BN buffers of 1 process; without it each process normalises its half-batch."""
-    one = _run(tmp_path, "bn1", 1, {**BN, "data": {"name": "digits", "train_limit": 256}})
+    one = _run(tmp_path, "bn1", 1, {**BN, "data": {"name": "digits", "train_limit": 256}},
+               capsys)
     extra = {**BN, "data": {"name": "digits", "train_limit": 256},
              "train": {**BN["train"], "sync_bn": True}}
     two = _run(tmp_path, "bn2", 2, extra)

@@ -24,6 +24,8 @@ from robustfair.config import load_config
 from robustfair.engine.io import load_checkpoint
 from robustfair.errors import UserError
 
+from conftest import run_cli
+
 TINY = {
     "seed": 3, "deterministic": True,
     "data": {"name": "digits", "train_limit": 600},
@@ -68,19 +70,20 @@ def _run_until(args: list[str], cwd: Path, should_kill) -> bool:  # noqa: ANN001
 
 
 @pytest.mark.timeout(900)
-def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
+def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, capsys, one_thread):
     """Kill a training process (SIGKILL) at random steps and once in the middle of a checkpoint
     write, resume each time, and end with the very weights of an uninterrupted run."""
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs")}))
-    assert not _run_until(["train", str(cfg), "--set", "name=ref", "--no-eval", "-q"], tmp_path,
-                          lambda: False)
+    # the reference, uninterrupted, in this process (one thread, as the killed processes)
+    code, _, err = run_cli(["train", str(cfg), "--set", "name=ref", "--no-eval", "-q"], capsys)
+    assert code == 0, err
     total = _progress(tmp_path / "runs" / "ref")  # 3 epochs of 10 steps
     cut = tmp_path / "runs" / "cut"
     ck = cut / "checkpoints"
     args = ["train", str(cfg), "--set", "name=cut", "--no-eval", "-q"]
     rng = random.Random(0)
-    targets = sorted(rng.sample(range(2, total - 1), 3))
+    targets = sorted(rng.sample(range(2, total - 1), 2))
     plans = [lambda t=t: _progress(cut) >= t for t in targets]
     # last, while a checkpoint is being written (its temporary file exists), if that is caught
     plans.append(lambda: ck.exists() and any(ck.glob(".*.tmp")))
@@ -89,7 +92,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
         resume = (cut / "config.yaml").exists()
         killed += _run_until(args + (["--resume"] if resume else []), tmp_path, plan)
     assert not _run_until(args + ["--resume"], tmp_path, lambda: False)
-    assert killed >= 3
+    assert killed >= 2
     a, b = weights(tmp_path / "runs" / "ref"), weights(cut)
     for k in a:
         assert torch.equal(a[k], b[k]), k
