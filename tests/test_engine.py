@@ -95,3 +95,15 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         prepare_run_dir(cfg)
     assert (tmp_path / "dup" / "keep.txt").exists()
+
+
+def test_only_rank_zero_draws_progress_bars(tmp_path, monkeypatch):
+    """Under torchrun every process but rank 0 is quiet, whatever logging.progress says."""
+    from robustfair.engine import distributed
+
+    cfg = cfg_for(tmp_path, "logging.progress=true", "data.train_limit=64", "train.epochs=1")
+    monkeypatch.setattr(distributed, "init", lambda device: (1, 1, None))
+    assert Trainer(cfg, prepare_run_dir(cfg)).quiet
+    monkeypatch.setattr(distributed, "init", lambda device: (0, 1, None))
+    cfg = cfg_for(tmp_path, "name=r0", "logging.progress=true", "data.train_limit=64")
+    assert not Trainer(cfg, prepare_run_dir(cfg)).quiet

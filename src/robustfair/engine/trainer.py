@@ -117,8 +117,8 @@ class Trainer:
         self.rank, self.world, ddp_device = distributed.init(cfg.device)
         self.is_main = self.rank == 0
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.device)
-        if not self.is_main:
-            quiet = True
+        if not self.is_main:  # only rank 0 draws progress bars
+            self.quiet = True
         torch.manual_seed(cfg.seed)
         self.data = data if data is not None else load_data(cfg.data)
         self._build()
