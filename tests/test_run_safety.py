@@ -377,3 +377,45 @@ def test_images_per_second_of_a_resumed_epoch_counts_only_new_images(tmp_path, m
     (line,) = [json.loads(x) for x in (tmp_path / "runs" / "ips" / "log.jsonl").read_text()
                .splitlines()]
     assert line["images_per_s"] * line["time_s"] == pytest.approx(50)  # not all 200
+
+
+def test_lock_taken_by_exactly_one_of_many_racing_processes(tmp_path):
+    """Processes that try to take one run's lock at the same moment: exactly one gets it, and a
+    lock file that another process has just created (still empty) is not taken over."""
+    import multiprocessing as mp
+
+    from robustfair.engine import lock as lock_mod
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ctx = mp.get_context("fork")
+    start, results = ctx.Event(), ctx.Queue()
+
+    def contender() -> None:
+        start.wait()
+        try:
+            lock_mod.acquire(run)
+            results.put("got")
+            time.sleep(1.0)  # hold it while the others try
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            results.put(type(exc).__name__)
+
+    procs = [ctx.Process(target=contender) for _ in range(6)]
+    for p in procs:
+        p.start()
+    start.set()
+    got = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert got.count("got") == 1 and got.count("UserError") == 5, got
+
+    if lock_mod.fcntl is not None:  # an empty lock file held (flock) by a process writing it
+        path = run / lock_mod.LOCK_NAME
+        path.unlink()  # the winner above exited without releasing it
+        fd = os.open(path, os.O_RDWR | os.O_CREAT)
+        lock_mod.fcntl.flock(fd, lock_mod.fcntl.LOCK_EX)
+        try:
+            with pytest.raises(lock_mod.UserError, match="being trained by another process"):
+                lock_mod.acquire(run)
+        finally:
+            os.close(fd)

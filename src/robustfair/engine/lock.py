@@ -1,10 +1,14 @@
 """One trainer per run directory: a lock file holding the owner's PID and host.
 
-``RUN/train.lock`` is created exclusively (``O_CREAT | O_EXCL``) when training starts and removed
-when it ends, however it ends. A second ``robustfair train`` of the same run directory stops with
-one line naming the owner. A lock left by a process that no longer exists on this host (a killed
-job) is stale and is taken over; a lock from another host cannot be checked from here, so the
-message says how to remove it by hand once no job is running there.
+``RUN/train.lock`` is opened and locked with ``flock`` (exclusive, non-blocking) when training
+starts, then filled with the owner's PID and host; it is removed when training ends, however it
+ends. The operating system drops the ``flock`` of a process that dies, so exactly one of several
+trainers started together gets the lock, and a killed job's lock is taken over. A second
+``robustfair train`` of the same run directory stops with one line naming the owner. A lock file
+naming a live process on this host is respected even when no ``flock`` is held on it; a lock
+from another host cannot be checked from here, so the message says how to remove it by hand
+once no job is running there. Where ``fcntl`` does not exist, the file is created exclusively
+(``O_CREAT | O_EXCL``) instead.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from typing import Any
 
 from ..errors import UserError
 from .io import current_umask, write_error
+
+try:
+    import fcntl
+except ImportError:  # not on POSIX: exclusive creation only
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("robustfair")
 
@@ -87,6 +96,54 @@ def _create(path: Path, owner: dict[str, Any]) -> bool:
     return True
 
 
+def _owner_lines(run_dir: Path, path: Path, held: dict[str, Any] | None) -> UserError:
+    if held is not None and held.get("host") != socket.gethostname():
+        return UserError(f"run directory {str(run_dir)!r} is locked by {_describe(held)}; "
+                         f"wait for that job, or delete {path} if no job runs there any more")
+    who = _describe(held) if held is not None else "another process"
+    return UserError(f"run directory {str(run_dir)!r} is being trained by {who}; wait for it "
+                     f"to finish or stop it")
+
+
+#: open lock files of this process (their ``flock`` lasts as long as the descriptor)
+_HELD: dict[str, int] = {}
+
+
+def _acquire_flock(run_dir: Path, path: Path, owner: dict[str, Any]) -> None:
+    """Open, ``flock`` and fill the lock file, or raise. The descriptor stays open (in
+    ``_HELD``) until :func:`release`."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another trainer holds it now
+            os.close(fd)
+            raise _owner_lines(run_dir, path, read_lock(path)) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # released and removed between our open and our flock: try again
+            os.close(fd)
+            continue
+        held = read_lock(path)
+        if held is not None and not _is_stale(held):  # e.g. a lock of another host
+            os.close(fd)
+            raise _owner_lines(run_dir, path, held)
+        if held is not None or os.fstat(fd).st_size:
+            log.warning("taking over the stale lock of a job that no longer runs: %s",
+                        _describe(held) if held else "unreadable lock file")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(owner) + "\n").encode("utf-8"), 0)
+        _HELD[str(path)] = fd
+        return
+    raise UserError(f"cannot take the lock {path}: other processes keep creating it; "
+                    f"make sure only one job trains {str(run_dir)!r}")
+
+
 def acquire(run_dir: str | Path, command: str = "train") -> Path:
     """Take the lock of ``run_dir`` (created if needed) or raise a one-line :class:`UserError`."""
     run_dir = Path(run_dir)
@@ -97,17 +154,20 @@ def acquire(run_dir: str | Path, command: str = "train") -> Path:
     path = run_dir / LOCK_NAME
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
              "started": _start_ticks(os.getpid()), "command": command}
+    if fcntl is not None:
+        _acquire_flock(run_dir, path, owner)
+        return path
     for _ in range(3):
         if _create(path, owner):
             return path
         held = read_lock(path)
-        if held is not None and held.get("host") != socket.gethostname():
-            raise UserError(f"run directory {str(run_dir)!r} is locked by {_describe(held)}; "
-                            f"wait for that job, or delete {path} if no job runs there any more")
-        if not _is_stale(held):
-            raise UserError(f"run directory {str(run_dir)!r} is being trained by "
-                            f"{_describe(held)}; wait for it to finish or stop it")
-        log.warning("removing the stale lock of a job that no longer runs: %s",
+        try:  # an unreadable lock is being written now, or was torn by a killed writer
+            torn = held is None and time.time() - path.stat().st_mtime > 10
+        except FileNotFoundError:
+            continue
+        if not torn and (held is None or not _is_stale(held)):
+            raise _owner_lines(run_dir, path, held)
+        log.warning("taking over the stale lock of a job that no longer runs: %s",
                     _describe(held) if held else "unreadable lock file")
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -117,11 +177,14 @@ def acquire(run_dir: str | Path, command: str = "train") -> Path:
 
 def release(path: Path) -> None:
     """Remove the lock if this process owns it."""
+    fd = _HELD.pop(str(path), None)
     owner = read_lock(path)
     if owner is not None and owner.get("pid") == os.getpid() and \
             owner.get("host") == socket.gethostname():
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            path.unlink()  # removed while still locked, so no one takes the old file
+    if fd is not None:
+        os.close(fd)
 
 
 @contextlib.contextmanager
