@@ -107,3 +107,25 @@ def test_only_rank_zero_draws_progress_bars(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "init", lambda device: (0, 1, None))
     cfg = cfg_for(tmp_path, "name=r0", "logging.progress=true", "data.train_limit=64")
     assert not Trainer(cfg, prepare_run_dir(cfg)).quiet
+
+
+def test_kill_between_last_and_best_copy_is_repaired_on_resume(tmp_path, monkeypatch,
+                                                              one_thread):
+    """A kill after last.pt is written but before it is copied to best.pt: resume makes the
+    copy, so best.pt is never left behind at an older epoch."""
+    cfg = cfg_for(tmp_path, "name=b", "data.train_limit=128", "train.epochs=1",
+                  "validation.n=50", "validation.attack=fgsm", "model.name=mlp",
+                  "model.params={hidden: [16]}")
+
+    def killed(self):
+        raise Interrupt
+
+    monkeypatch.setattr(Trainer, "_copy_best", killed)
+    with pytest.raises(Interrupt):
+        Trainer(cfg, prepare_run_dir(cfg), quiet=True).fit()
+    monkeypatch.undo()
+    ck = tmp_path / "b" / "checkpoints"
+    assert (ck / "last.pt").exists() and not (ck / "best.pt").exists()
+    Trainer(cfg, tmp_path / "b", quiet=True).resume()
+    assert (ck / "best.pt").read_bytes() == (ck / "last.pt").read_bytes()
+    assert json.loads((ck / "best.json").read_text())["epoch"] == 1

@@ -238,16 +238,26 @@ class Trainer:
         self._resumed_stats = ({k: v.to(self.device) for k, v in es.items()}
                                if es is not None and self.step_in_epoch else None)
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str, is_best: bool = False) -> Path:
+        """Write checkpoints/NAME.pt and its JSON; ``is_best``: this epoch's end is the best so
+        far (best.pt is copied from it next, and again on resume if a kill came in between)."""
         path = self.run_dir / "checkpoints" / f"{name}.pt"
         digest = save_checkpoint(path, self.state_dict())
         atomic_write_json(path.with_suffix(".json"), {
             "sha256": digest, "version": __version__, "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "model": self.cfg.model.name, "dataset": self.cfg.data.name,
-            "metrics": self.last_val,
+            "metrics": self.last_val, "is_best": is_best,
         })
         return path
+
+    def _copy_best(self) -> None:
+        """best.pt and best.json become copies of last.pt and last.json (each atomically)."""
+        ck = self.run_dir / "checkpoints"
+        shutil.copyfile(ck / "last.pt", ck / ".best.pt.tmp")
+        os.replace(ck / ".best.pt.tmp", ck / "best.pt")
+        shutil.copyfile(ck / "last.json", ck / ".best.json.tmp")
+        os.replace(ck / ".best.json.tmp", ck / "best.json")
 
     def resume(self) -> bool:
         """Load ``checkpoints/last.pt`` (hash-checked) and make the run directory agree with it:
@@ -264,7 +274,24 @@ class Trainer:
         verify_checkpoint(path)
         self.load_state_dict(load_checkpoint(path, map_location=self.device))
         self._repair_log(self.epoch)
+        if self.is_main and self._best_copy_missed(ckdir):
+            self._copy_best()
         return True
+
+    @staticmethod
+    def _best_copy_missed(ckdir: Path) -> bool:
+        """Whether last.pt is an epoch's best end whose copy to best.pt a kill prevented."""
+        try:
+            last = json.loads((ckdir / "last.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not last.get("is_best") or last.get("step_in_epoch"):
+            return False
+        try:
+            best = json.loads((ckdir / "best.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return True
+        return best.get("sha256") != last.get("sha256")
 
     def _repair_log(self, epoch: int) -> None:
         """Keep only complete log lines of epochs up to ``epoch`` (a kill can tear the last)."""
@@ -503,13 +530,9 @@ class Trainer:
             # the log line first, then the checkpoint: a kill in between re-runs this epoch
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line, default=float) + "\n")
-            self.save("last")
+            self.save("last", is_best=is_best)
             if is_best:
-                ck = self.run_dir / "checkpoints"
-                shutil.copyfile(ck / "last.pt", ck / ".best.pt.tmp")
-                os.replace(ck / ".best.pt.tmp", ck / "best.pt")
-                shutil.copyfile(ck / "last.json", ck / ".best.json.tmp")
-                os.replace(ck / ".best.json.tmp", ck / "best.json")
+                self._copy_best()
         if writer is not None:
             _tb_write(writer, line, e)
         if not self.quiet:
