@@ -200,6 +200,24 @@ def test_wat_validation_costs_are_class_means(mlp, digits):
                                                   / counts.sum()), rel=1e-6)
 
 
+def test_wat_val_n_is_stratified_on_a_class_sorted_split(mlp, digits, monkeypatch):
+    """val_n takes a class-stratified subset: on a split sorted by class (as mnist5k's are),
+    the first n images would hold only the first classes and leave the others at the mean."""
+    import robustfair.policies.wat as wat_mod
+
+    ctx = BuildContext(num_classes=10, in_channels=1, image_size=8, eps=0.1, step_size=0.03,
+                       steps=1, extra={"objective": {"name": "trades", "beta": 6.0}})
+    pol = POLICIES.build({"name": "wat", "val_n": 40, "batch_size": 40}, ctx=ctx)
+    val = digits.val.subset(torch.argsort(digits.val.y, stable=True))  # sorted by class
+    seen, cost = [], wat_mod.trades_cost
+    monkeypatch.setattr(wat_mod, "trades_cost",
+                        lambda model, x, y, *a: seen.append(y.clone()) or cost(model, x, y, *a))
+    torch.manual_seed(0)
+    pol.validation_costs(mlp, val, CPU)
+    labels = torch.cat(seen)
+    assert len(labels) == 40 and set(labels.tolist()) == set(range(10))
+
+
 # --------------------------------------------------------------------------- BAT
 def test_kl_to_uniform_is_log_c_minus_entropy():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..attacks import build_attack
 from ..attacks.base import eval_mode
 from ..attacks.basic import kl_per_sample
+from ..engine.subset import subset_indices
 from ..objectives.base import ObjectiveOutput
 from . import POLICIES
 from ._classwise import objective_beta, per_sample
@@ -80,7 +81,8 @@ class WAT(Policy):
     class Params(PolicyParams):
         eta: float = Field(0.1, gt=0.0, description="η, Hedge learning rate")
         beta: float | None = Field(None, ge=0.0, description="TRADES β; None: the objective's")
-        val_n: int | None = Field(None, ge=1, description="validation images used (None: all)")
+        val_n: int | None = Field(None, ge=1, description="validation images used, a "
+                                                           "class-stratified subset (None: all)")
         batch_size: int = Field(128, ge=1, description="validation batch (WAT's code: 128)")
         cost: Literal["class_mean", "official"] = Field(
             "class_mean", description="class_mean: L_k = the class-k mean cost; official: "
@@ -122,11 +124,14 @@ class WAT(Policy):
         ctx, c = self.ctx, self.num_classes
         attack = build_attack(f"trades-kl{max(ctx.steps, 1)}", ctx.norm,
                               bounded=getattr(ctx, "bounded", True))
-        n = len(val) if self.params.val_n is None else min(self.params.val_n, len(val))
+        # val_n: the class-stratified subset (a split may be sorted by class, so never the
+        # first n images)
+        chosen = subset_indices(val.y.cpu(), self.params.val_n)
+        n = len(chosen)
         total = torch.zeros(c, dtype=torch.float64)
         count = torch.zeros(c, dtype=torch.float64)
         for start in range(0, n, self.params.batch_size):
-            idx = torch.arange(start, min(start + self.params.batch_size, n))
+            idx = chosen[start:start + self.params.batch_size]
             x = val.images(idx.to(val.y.device)).to(device)
             y = val.y[idx.to(val.y.device)].to(device)
             x_adv = attack(model, x, y, ctx.eps, ctx.step_size)
