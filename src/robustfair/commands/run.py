@@ -39,6 +39,27 @@ def _trained(run_dir: Path, cfg: Any) -> bool:
     return pos is not None and pos["epoch"] >= cfg.train.epochs and pos["step_in_epoch"] == 0
 
 
+def evaluates_last(run_dir: Path) -> bool:
+    """Whether ``eval/summary.json`` evaluates the run's last checkpoint (the sha256 it records
+    is that of ``checkpoints/last.pt``); False for a summary of an earlier checkpoint, e.g. one
+    that ``robustfair eval`` wrote while the run was unfinished."""
+    from ..engine.io import sha256_file
+
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    try:
+        summary = json.loads((run_dir / "eval" / "summary.json").read_text(encoding="utf-8"))
+        recorded = summary.get("settings", {}).get("sha256")
+        return recorded is not None and recorded == sha256_file(ckpt)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_complete(run_dir: Path, cfg: Any, evaluate: bool = True) -> bool:
+    """Whether the run is trained to ``cfg.train.epochs`` and (with ``evaluate``) its main
+    evaluation is of the final checkpoint: then training it again would change nothing."""
+    return _trained(run_dir, cfg) and (not evaluate or evaluates_last(run_dir))
+
+
 def train_run(cfg: Any, run_dir: Path | None = None, resume: bool = False, force: bool = False,
               quiet: bool = False, evaluate: bool = True) -> tuple[Path, dict[str, Any] | None]:
     """Train a run end to end (the library form of ``robustfair train``).
@@ -46,7 +67,8 @@ def train_run(cfg: Any, run_dir: Path | None = None, resume: bool = False, force
     The run directory is locked while this runs (one trainer per run). On ``resume``, settings
     that differ from the run's ``config.yaml`` are recorded in the run, or refused when the
     checkpoint cannot follow them (see :mod:`robustfair.engine.history`); a run that is trained
-    and evaluated already is left as it is (the summary is None)."""
+    and whose main evaluation is of its final checkpoint is left as it is (the summary is None;
+    see :func:`run_complete`)."""
     from ..data import load_data
     from ..engine import distributed
     from ..engine.history import record_resume_changes
@@ -60,8 +82,7 @@ def train_run(cfg: Any, run_dir: Path | None = None, resume: bool = False, force
     with run_lock(target, enabled=is_main):
         if resume and is_main:
             record_resume_changes(cfg, target)
-        if resume and _trained(target, cfg) and (
-                not evaluate or (target / "eval" / "summary.json").exists()):
+        if resume and run_complete(target, cfg, evaluate):
             return target, None
         data = load_data(cfg.data)
         trainer = Trainer(cfg, target, data=data, quiet=quiet)
@@ -123,8 +144,7 @@ def train(config: str | None, recipe: str | None, overrides: tuple[str, ...], re
             not resume else " (exists)" if exists else " (new)"))
         return
     t0 = time.perf_counter()
-    complete = resume and _trained(target, cfg) and (
-        no_eval or (target / "eval" / "summary.json").exists())
+    complete = resume and run_complete(target, cfg, evaluate=not no_eval)
     try:
         path, summary = train_run(cfg, run_dir, resume=resume, force=force, quiet=quiet,
                                   evaluate=not no_eval)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
 
-from ..errors import UserError
+from ..errors import Interrupted
 from ._common import setup_logging
 
 
@@ -42,8 +43,13 @@ def command(spec: Path, overrides: tuple[str, ...], engine: str, workers: int | 
     try:
         res = run_sweep(sp, out, list(overrides), engine=engine, workers=workers, address=address)
     except KeyboardInterrupt:
-        raise UserError("sweep interrupted; run the same command again to continue it "
-                        "(finished runs are kept, killed ones resume)") from None
+        again = ["robustfair", "sweep", str(spec), *(["--out", str(out)] if out else []),
+                 *(a for o in overrides for a in ("--set", o)),
+                 *(["--engine", engine] if engine != "local" else []),
+                 *(["--address", address] if address else []),
+                 *(["--workers", str(workers)] if workers else [])]
+        raise Interrupted("interrupted; finished runs are kept and killed ones resume: continue "
+                          f"with: {shlex.join(again)}") from None
     from ..report.compare import to_markdown
 
     if res.comparison is not None:

@@ -35,8 +35,11 @@ CHANGEABLE = (
     "train.ema.evaluate",
 )
 
-#: keys that say where the run is: never changed on resume
-_WHERE = ("name", "output_dir")
+#: top-level keys that say where the run is: never changed on resume
+WHERE = ("name", "output_dir")
+#: top-level keys that do not change what a run computes, besides its seed (shared with
+#: :mod:`robustfair.report.compare`, which groups runs by the rest)
+NOT_SETTINGS = ("seed", *WHERE, "description", "device", "logging")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -85,7 +88,7 @@ def record_resume_changes(cfg: RunConfig, run_dir: str | Path) -> dict[str, tupl
     if not changes:
         return {}
     started = (run_dir / "checkpoints" / "last.pt").exists()
-    fixed = [k for k in changes if not _changeable(k) and (started or k in _WHERE)]
+    fixed = [k for k in changes if not _changeable(k) and (started or k in WHERE)]
     if fixed:
         shown = ", ".join(f"{k} ({_short(changes[k][0])} → {_short(changes[k][1])})"
                           for k in fixed[:4]) + (", …" if len(fixed) > 4 else "")

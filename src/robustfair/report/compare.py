@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ..engine.history import NOT_SETTINGS as _NOT_SETTINGS
 from ..engine.history import flatten as _flat
 from ..engine.io import atomic_write_bytes, atomic_write_text, make_dir
 from ..errors import UserError
@@ -31,8 +32,6 @@ from .loading import CONFIG, SUMMARY, read_json
 
 log = logging.getLogger("robustfair")
 
-#: config keys that do not change what a run computes (besides the seed)
-_NOT_SETTINGS = ("seed", "name", "output_dir", "description", "device", "logging")
 _SEED_SUFFIX = re.compile(r"[-_.]?(seed|s)[-_]?\d+$", re.I)
 _AUTOATTACK = re.compile(r"^(autoattack|aa)([-_].*)?$")
 

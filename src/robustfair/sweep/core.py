@@ -2,9 +2,11 @@
 
 Layout of a sweep's folder: ``runs/<trial>/`` (ordinary run directories), ``sweep.json`` (the
 spec and every trial's state) and ``compare/`` (the table of :mod:`robustfair.report.compare`,
-mean ± std over seeds). A trial whose run directory holds the same resolved config and an
-``eval/summary.json`` is finished and skipped; one with the same config and no summary (a killed
-run) continues with ``--resume``; one whose config changed is trained again from scratch."""
+mean ± std over seeds, rewritten on every call). A trial whose run directory holds the same
+config (compared with this version's defaults filled in on both sides), trained to its last epoch
+and with an ``eval/summary.json`` of its final checkpoint is finished and skipped; one with the
+same config that is not finished (a killed run, or one evaluated before its training ended)
+continues with ``--resume``; one whose config changed is trained again from scratch."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from ..config import build_config, dump_config, load_config
+from ..config import RunConfig, build_config, dump_config, load_config
+from ..engine.history import stored_config
 from ..engine.io import atomic_write_json
 from ..errors import UserError
 from .runner import run_jobs
@@ -29,6 +32,8 @@ log = logging.getLogger("robustfair")
 STATE = "sweep.json"
 #: config keys that may differ without making a finished run stale
 _IGNORED = ("output_dir", "logging", "device")
+#: the files ``compare/`` gets from :func:`_compare` (removed before each new comparison)
+_OUTPUTS = ("compare.*", "avg_vs_worst.png", "paired.*")
 
 
 @dataclass
@@ -61,30 +66,52 @@ class SweepResult:
         return [p for p in self.planned if p.status == "failed"]
 
 
-def _settings(text: str) -> dict[str, Any]:
-    d = yaml.safe_load(text) or {}
-    return {k: v for k, v in d.items() if k not in _IGNORED}
+def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in _IGNORED}
 
 
-def trial_action(run_dir: Path, config_text: str) -> str:
+def _as_config(config: str | RunConfig) -> RunConfig:
+    return config if isinstance(config, RunConfig) else build_config(yaml.safe_load(config))
+
+
+def trial_action(run_dir: Path, config: str | RunConfig) -> str:
     """``skip`` (finished, same config), ``resume`` (same config, not finished), ``train`` (no
-    run yet) or ``retrain`` (a run with another config, or no config, is in the way)."""
+    run yet) or ``retrain`` (a run with another config, or no config, is in the way).
+
+    Configs are compared with this version's defaults filled in on both sides (a setting added
+    since the run was made is no change), without ``output_dir``, ``logging`` and ``device``. A
+    run is finished when it is trained to its last epoch and ``eval/summary.json`` evaluates its
+    final checkpoint (see :func:`robustfair.commands.run.run_complete`)."""
+    from ..commands.run import run_complete
+
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return "train"
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.exists():
+    if not (run_dir / "config.yaml").exists():
         return "retrain"
+    cfg = _as_config(config)
     try:
-        same = _settings(cfg_file.read_text(encoding="utf-8")) == _settings(config_text)
-    except (OSError, yaml.YAMLError):
-        same = False
+        same = _settings(stored_config(run_dir)) == _settings(cfg.model_dump(mode="json"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, UserError, TypeError):
+        same = False  # unreadable, or no longer a valid config
     if not same:
         return "retrain"
-    return "skip" if (run_dir / "eval" / "summary.json").exists() else "resume"
+    return "skip" if run_complete(run_dir, cfg) else "resume"
+
+
+def _stored_place(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """``cfg`` with the ``output_dir`` of the run's ``config.yaml``: a resumed run keeps it (it
+    says where the run was made and cannot change on resume), whatever path names the sweep
+    folder now (relative or absolute, or the folder moved)."""
+    try:
+        stored = stored_config(run_dir)["output_dir"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, UserError, TypeError, KeyError):
+        return cfg
+    return cfg.model_copy(update={"output_dir": stored})
 
 
 def plan(spec: SweepSpec, out_dir: str | Path, extra: list[str] | None = None) -> list[Planned]:
-    """Resolve and validate every trial's config (before anything trains) and decide its action."""
+    """Resolve and validate every trial's config (before anything trains) and decide its action.
+    A trial to resume keeps the ``output_dir`` its run was made with."""
     runs = Path(out_dir) / "runs"
     planned = []
     for t in expand(spec):
@@ -94,9 +121,11 @@ def plan(spec: SweepSpec, out_dir: str | Path, extra: list[str] | None = None) -
             cfg = load_config(t.recipe, None, ov) if t.is_file else load_config(None, t.recipe, ov)
         except UserError as exc:
             raise UserError(f"sweep trial {t.name}: {exc}") from None
-        text = dump_config(cfg)
         run_dir = runs / t.name
-        planned.append(Planned(t, text, run_dir, trial_action(run_dir, text)))
+        action = trial_action(run_dir, cfg)
+        if action == "resume":
+            cfg = _stored_place(cfg, run_dir)
+        planned.append(Planned(t, dump_config(cfg), run_dir, action))
     return planned
 
 
@@ -120,6 +149,12 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _crashed(payload: dict[str, Any], why: str) -> dict[str, Any]:
+    """The result of a trial whose worker died (killed, out of memory): failed, not fatal."""
+    return {"name": payload["name"], "ok": False, "seconds": None,
+            "error": f"{why}; run the sweep again to resume it"}
+
+
 def _save_state(spec: SweepSpec, out: Path, planned: list[Planned]) -> None:
     trials = []
     for p in planned:
@@ -133,8 +168,14 @@ def _save_state(spec: SweepSpec, out: Path, planned: list[Planned]) -> None:
 def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, extra: list[str] | None = None,
               engine: str = "local", workers: int | None = None, address: str | None = None,
               compare: bool = True) -> SweepResult:
-    """Run (or continue) the sweep and write its comparison table."""
+    """Run (or continue) the sweep and write its comparison table.
+
+    A trial whose worker process dies (or, with Ray, whose worker or node fails) is recorded as
+    failed and the others go on. With Ray the run directories (and the ``output_dir`` of new runs)
+    are absolute paths: the workers may run in another folder or on other machines."""
     out = Path(out_dir if out_dir is not None else spec.output_dir or Path("sweeps") / spec.name)
+    if engine == "ray":
+        out = out.resolve()
     planned = plan(spec, out, extra)
     out.mkdir(parents=True, exist_ok=True)
     todo = [p for p in planned if p.action != "skip"]
@@ -149,7 +190,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, extra: list[st
     payloads = [{"name": p.trial.name, "config": p.config, "run_dir": str(p.run_dir),
                  "action": p.action} for p in todo]
     for k, (i, res) in enumerate(run_jobs(run_trial, payloads, engine=engine, workers=workers,
-                                          address=address), start=1):
+                                          address=address, on_crash=_crashed), start=1):
         p = todo[i]
         p.status = "done" if res["ok"] else "failed"
         p.seconds, p.error, p.host = res["seconds"], res.get("error"), res.get("host")
@@ -168,9 +209,16 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, extra: list[st
 
 
 def _compare(spec: SweepSpec, result: SweepResult) -> None:
-    """Write ``compare/`` over the finished runs (rows in the spec's order)."""
+    """Write ``compare/`` over the finished runs (rows in the spec's order), after removing
+    the tables of an earlier call. Runs at different ε or numbers of epochs (a sweep over them)
+    are compared anyway: they are never pooled into one row, and each row shows its ε and epochs.
+    """
     from ..report.compare import compare_runs, write_outputs
 
+    folder = result.out_dir / "compare"
+    for pattern in _OUTPUTS:  # a table of an earlier call must not pass for this one's
+        for stale in folder.glob(pattern):
+            stale.unlink()
     done = [p for p in result.planned if p.status == "done"]
     if not done:
         result.notes.append("no finished run: no comparison written")
@@ -185,12 +233,13 @@ def _compare(spec: SweepSpec, result: SweepResult) -> None:
         result.notes.append(f"{len(result.planned) - len(done)} trial(s) failed; the table "
                             f"shows the {len(done)} finished runs")
     try:
-        comp = compare_runs([p.run_dir for p in done], base, spec.compare.attack, "config")
+        comp = compare_runs([p.run_dir for p in done], base, spec.compare.attack, "config",
+                            allow_mixed=True)
     except UserError as exc:  # e.g. clean accuracy only: there is no robust table to write
         result.notes.append(f"no comparison table: {exc}")
         return
     result.comparison = comp
-    result.compare = write_outputs(comp, result.out_dir / "compare")
+    result.compare = write_outputs(comp, folder)
     _paired(comp, result)
 
 

@@ -4,7 +4,12 @@ A job is a picklable payload handed to a module-level function ``fn(payload)``. 
 as the jobs finish, each with its index in the list. Locally, ``workers`` processes run at once
 (spawned, each pinned to one GPU where there are GPUs, else to its share of the CPU cores); with
 ``engine="ray"``, each job is a Ray task (one GPU per task when the cluster has GPUs), on a local
-Ray instance or on the cluster at ``address``."""
+Ray instance or on the cluster at ``address``.
+
+A job whose process dies (killed, out of memory, a crash in native code) gets the result of
+``on_crash(payload, why)`` when that is given: the other jobs go on. A dead local worker stops
+the pool's other workers too, so the jobs they were running get that result as well (a sweep
+resumes them when it is run again), and the jobs not started yet run in a new pool."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from ..errors import UserError
@@ -19,6 +25,11 @@ from ..errors import UserError
 log = logging.getLogger("robustfair")
 
 ENGINES = ("local", "ray")
+
+#: a job's result when its process died: ``on_crash(payload, why)``
+OnCrash = Callable[[Any, str], Any]
+
+_started: Any = None  # in a pool worker: one flag per job, set when the job starts
 
 
 def cpu_count() -> int:
@@ -41,8 +52,10 @@ def default_workers() -> int:
     return gpus if gpus else max(1, cpu_count() // 2)
 
 
-def _worker_init(slots: Any, gpus: int, threads: int) -> None:
+def _worker_init(slots: Any, gpus: int, threads: int, started: Any = None) -> None:
     """Pin a pool worker to one GPU (by the slot it draws) and to ``threads`` CPU threads."""
+    global _started
+    _started = started
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
@@ -51,35 +64,69 @@ def _worker_init(slots: Any, gpus: int, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _local(fn: Callable[[Any], Any], payloads: Sequence[Any], workers: int
-           ) -> Iterator[tuple[int, Any]]:
+def _job(fn: Callable[[Any], Any], i: int, payload: Any) -> Any:
+    """Run job ``i`` in a pool worker, first marking it started."""
+    if _started is not None:
+        _started[i] = 1
+    return fn(payload)
+
+
+_DIED = ("a worker process of the pool died while this job ran (killed, out of memory or a "
+         "crash), which stops the pool's other workers too")
+
+
+def _local(fn: Callable[[Any], Any], payloads: Sequence[Any], workers: int,
+           on_crash: OnCrash | None = None) -> Iterator[tuple[int, Any]]:
     if workers <= 1 or len(payloads) <= 1:
         for i, p in enumerate(payloads):
             yield i, fn(p)
         return
     import multiprocessing as mp
 
-    n = min(workers, len(payloads))
     ctx = mp.get_context("spawn")
-    slots = ctx.Queue()
-    for k in range(n):
-        slots.put(k)
-    threads = max(1, cpu_count() // n)
-    pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init,
-                               initargs=(slots, gpu_count(), threads))
-    try:
-        futures = {pool.submit(fn, p): i for i, p in enumerate(payloads)}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                yield futures[fut], fut.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # jobs not started are dropped
+    started = ctx.RawArray("b", len(payloads))
+    todo = list(range(len(payloads)))
+    while todo:
+        n = min(workers, len(todo))
+        slots = ctx.Queue()
+        for k in range(n):
+            slots.put(k)
+        pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(slots, gpu_count(), max(1, cpu_count() // n),
+                                             started))
+        done: set[int] = set()
+        broken = False
+        try:
+            futures = {pool.submit(_job, fn, i, payloads[i]): i for i in todo}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    try:
+                        result = fut.result()
+                    except BrokenProcessPool:
+                        if on_crash is None:
+                            raise
+                        broken = True
+                        continue
+                    done.add(futures[fut])
+                    yield futures[fut], result
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # jobs not started are dropped
+        todo = [i for i in todo if i not in done]
+        if not broken or on_crash is None:
+            return
+        # the jobs running when the pool broke failed; the others go to a new pool (all fail
+        # when none had started: the workers die before they run anything)
+        lost = [i for i in todo if started[i]] or todo
+        for i in lost:
+            yield i, on_crash(payloads[i], _DIED)
+        todo = [i for i in todo if i not in lost]
 
 
 def _ray(fn: Callable[[Any], Any], payloads: Sequence[Any], address: str | None,
-         gpus_per_job: float | None) -> Iterator[tuple[int, Any]]:
+         gpus_per_job: float | None, on_crash: OnCrash | None = None
+         ) -> Iterator[tuple[int, Any]]:
     try:
         import ray
     except ImportError:
@@ -102,7 +149,18 @@ def _ray(fn: Callable[[Any], Any], payloads: Sequence[Any], address: str | None,
             while refs:
                 done, _ = ray.wait(list(refs), num_returns=1)
                 for ref in done:
-                    yield refs.pop(ref), ray.get(ref)
+                    i = refs.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayTaskError:
+                        raise  # the job raised: as the local pool does
+                    except ray.exceptions.RayError as exc:  # its worker or node died
+                        if on_crash is None:
+                            raise
+                        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                        result = on_crash(payloads[i], f"its Ray worker failed "
+                                                       f"({type(exc).__name__}: {why[:200]})")
+                    yield i, result
         finally:
             for ref in refs:
                 ray.cancel(ref, force=True)
@@ -113,18 +171,20 @@ def _ray(fn: Callable[[Any], Any], payloads: Sequence[Any], address: str | None,
 
 def run_jobs(fn: Callable[[Any], Any], payloads: Sequence[Any], *, engine: str = "local",
              workers: int | None = None, address: str | None = None,
-             gpus_per_job: float | None = None) -> Iterator[tuple[int, Any]]:
+             gpus_per_job: float | None = None, on_crash: OnCrash | None = None
+             ) -> Iterator[tuple[int, Any]]:
     """Run ``fn(payload)`` for every payload; yield ``(index, result)`` as jobs finish.
 
     ``engine="local"``: ``workers`` spawned processes (default :func:`default_workers`; one runs
     the jobs in this process). ``engine="ray"``: Ray tasks on the cluster at ``address`` (default:
     a Ray instance started here, or the one already initialised), ``gpus_per_job`` GPUs each
     (default: one when the cluster has GPUs). ``fn`` must be importable by the workers. An
-    exception in a job is raised here; remaining jobs are cancelled."""
+    exception in a job is raised here; remaining jobs are cancelled. A job whose process dies
+    gets ``on_crash(payload, why)`` as its result (without ``on_crash``, that is raised too)."""
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINES)}")
     if engine == "ray":
-        return _ray(fn, payloads, address, gpus_per_job)
+        return _ray(fn, payloads, address, gpus_per_job, on_crash)
     if address is not None:
         raise UserError("--address applies to --engine ray only")
-    return _local(fn, payloads, default_workers() if workers is None else workers)
+    return _local(fn, payloads, default_workers() if workers is None else workers, on_crash)

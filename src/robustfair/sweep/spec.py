@@ -98,6 +98,10 @@ class SweepSpec(_Strict):
                     raise ValueError(f"{kind}: {key!r} is not a dotted key like attack.eps")
                 if not values:
                     raise ValueError(f"{kind}.{key}: give at least one value")
+        both = [k for k in self.grid if k in self.zip]
+        if both:
+            raise ValueError(f"{both[0]!r} is in both grid and zip; give each key in one of them "
+                             f"(grid: one axis per key; zip: keys that advance together)")
         if len({len(v) for v in self.zip.values()}) > 1:
             raise ValueError("zip: every key needs a list of the same length")
         names = [e.name for e in self.recipes]
@@ -129,10 +133,18 @@ def load_spec(path: str | Path) -> SweepSpec:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"sweep spec {str(p)!r} not found; check the path") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not UTF-8 text; save the spec as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"cannot read the sweep spec {str(p)!r} ({exc.strerror})") from None
     except yaml.YAMLError:
         raise UserError(f"{p}: not valid YAML; fix the syntax") from None
     if not isinstance(raw, dict):
         raise UserError(f"{p}: the top level must be a mapping with at least 'recipes'")
+    odd = [k for k in raw if not isinstance(k, str)]
+    if odd:
+        raise UserError(f"{p}: top-level key {odd[0]!r} is not a name; the keys are "
+                        f"{', '.join(SweepSpec.model_fields)}")
     try:
         spec = SweepSpec(**raw)
     except ValidationError as exc:
