@@ -2,7 +2,9 @@
 
 Every process holds the data and draws the same global batch; each takes its shard of it. Per-class
 and per-group statistics are summed across processes, so a distributed run computes what one
-process with the same global batch computes. Helpers here are no-ops in a single process."""
+process with the same global batch computes. Model buffers (BatchNorm running statistics) are the
+first process's, which every process takes after each step. Helpers here are no-ops in a single
+process."""
 
 from __future__ import annotations
 
