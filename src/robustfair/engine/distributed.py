@@ -2,7 +2,9 @@
 
 Every process holds the data and draws the same global batch; each takes its shard of it. Per-class
 and per-group statistics are summed across processes, so a distributed run computes what one
-process with the same global batch computes. Helpers here are no-ops in a single process."""
+process with the same global batch computes. Model buffers (BatchNorm running statistics) are the
+first process's, which every process takes after each step. Helpers here are no-ops in a single
+process."""
 
 from __future__ import annotations
 
@@ -59,6 +61,54 @@ def all_reduce_sum(t: Tensor) -> Tensor:
         if x is not t:
             t.copy_(x.to(dev))
     return t
+
+
+def all_reduce_max(t: Tensor) -> Tensor:
+    """Elementwise maximum of a tensor over processes (in place, and returned); identity in one
+    process."""
+    if active():
+        dev = t.device
+        x = t if (dist.get_backend() != "nccl" or dev.type == "cuda") else t.cuda()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        if x is not t:
+            t.copy_(x.to(dev))
+    return t
+
+
+def broadcast_from_first(tensors: list[Tensor]) -> None:
+    """Overwrite ``tensors`` (the same list, in the same order, in every process) with the first
+    process's values; one broadcast per dtype and device. A no-op in one process."""
+    if not active() or not tensors:
+        return
+    nccl = dist.get_backend() == "nccl"
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    with torch.no_grad():
+        for (_, dev), group in groups.items():
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            if nccl and dev.type != "cuda":
+                flat = flat.cuda()
+            dist.broadcast(flat, src=0)
+            flat = flat.to(dev)
+            offset = 0
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n
+
+
+def gather_into_first(tensors: list[Tensor]) -> None:
+    """Sums kept in parts by every process: move each whole sum into the first process and zero
+    the other processes' parts (their sum over processes is unchanged). A checkpoint, written by
+    the first process, then holds the whole sums; a no-op in one process."""
+    if not active():
+        return
+    with torch.no_grad():
+        for t in tensors:
+            all_reduce_sum(t)
+            if rank() != 0:
+                t.zero_()
 
 
 def barrier() -> None:

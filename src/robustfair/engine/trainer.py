@@ -237,6 +237,10 @@ class Trainer:
         es = st.get("epoch_stats")
         self._resumed_stats = ({k: v.to(self.device) for k, v in es.items()}
                                if es is not None and self.step_in_epoch else None)
+        if self.rank != 0:  # the checkpoint's sums are whole: the first process continues them
+            self._resumed_stats = None
+            for t in self._process_sums():
+                t.zero_()
 
     def save(self, name: str, is_best: bool = False) -> Path:
         """Write checkpoints/NAME.pt and its JSON; ``is_best``: this epoch's end is the best so
@@ -373,6 +377,7 @@ class Trainer:
         self.optimizer.step()
         if self.awp is not None:
             self.awp.restore(self.model)
+        self._sync_buffers()
         if self.ema is not None:
             self.ema.update(self.model)
         with torch.no_grad():
@@ -487,6 +492,7 @@ class Trainer:
                 bar.update(1)
             every = cfg.train.checkpoint_every_steps
             if every and self.global_step % every == 0 and self.step_in_epoch < len(batches):
+                self._gather_sums(list(stats.values()))
                 self._stash_stats(stats)
                 if self.is_main:
                     self.save("last")
@@ -526,6 +532,7 @@ class Trainer:
         is_best = metric >= self.best_metric
         if is_best:
             self.best_metric = metric
+        self._gather_sums([])
         if self.is_main:
             # the log line first, then the checkpoint: a kill in between re-runs this epoch
             with open(log_path, "a", encoding="utf-8") as f:
@@ -544,6 +551,28 @@ class Trainer:
                             f"(worst class {val['robust']['worst']:.3f})")
             msg += f" | {line['images_per_s']:.0f} img/s"
             log.info(msg)
+
+    def _sync_buffers(self) -> None:
+        """Under torchrun: every process takes the first process's model buffers (BatchNorm
+        running statistics, which each process updates from its own share of the batch unless
+        ``train.sync_bn``), so that every process - its budget, policy, sampler probes,
+        validation and evaluation - uses the model that the first process checkpoints."""
+        if self.world <= 1:
+            return
+        bufs = list(self.model.buffers())
+        if hasattr(self, "objective_ddp"):  # its DDP wrapper treats them the same way
+            bufs += list(self.objective.buffers())
+        distributed.broadcast_from_first(bufs)
+
+    def _process_sums(self) -> list[Tensor]:
+        return self.objective.process_sums() + self.policy.process_sums()
+
+    def _gather_sums(self, extra: list[Tensor]) -> None:
+        """Before a checkpoint: the whole sums over the batches so far (the epoch's statistics
+        ``extra``, the objective's and the policy's) into the first process, which writes it,
+        and zero parts in the others, so the parts still add up to the same sums."""
+        if self.world > 1:
+            distributed.gather_into_first(extra + self._process_sums())
 
     def _stash_stats(self, stats: dict[str, Tensor] | None) -> None:
         """Keep the running epoch's statistics for a mid-epoch checkpoint."""
@@ -568,6 +597,7 @@ class Trainer:
     def final_eval(self, attacks: list[str] | None = None, progress: bool = True
                    ) -> dict[str, Any]:
         cfg = self.cfg
+        self._sync_buffers()
         model = self.policy_eval_model()
         if model is None:
             model = (self.eval_model() if not (self.ema and cfg.train.ema.evaluate) else

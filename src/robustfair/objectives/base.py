@@ -80,3 +80,11 @@ class Objective(nn.Module):
 
         An objective that keeps statistics across epochs (DKL's class-wise weights) rolls them
         over here; it should keep them in buffers so that checkpoints hold them."""
+
+    def process_sums(self) -> list[Tensor]:
+        """Tensors that hold this process's part of sums over training batches (under torchrun
+        the parts add up to the sum over the global batches; see
+        :func:`~robustfair.engine.distributed.gather_into_first`): before a checkpoint the
+        engine moves the whole sums into the first process, and on resume the other processes
+        start their parts from zero."""
+        return []

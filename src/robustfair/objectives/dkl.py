@@ -165,15 +165,23 @@ class DKL(Objective):
         """Turn the finished epoch's sums into the class-wise weights (once per epoch).
 
         Called again for the same epoch (a run resumed mid-epoch) it does nothing. Classes
-        that no batch of the finished epoch contained keep their previous weights."""
+        that no batch of the finished epoch contained keep their previous weights. Under
+        torchrun each process sums its share of the batches; the sums are added up over
+        processes first, so every process gets the weights of the global batches."""
         if int(self.current_epoch) == epoch:
             return
         if int(self.current_epoch) > 0:
+            from ..engine.distributed import all_reduce_sum
+
+            all_reduce_sum(self.accum)
             total = self.accum.sum(1, keepdim=True)
             seen = total.squeeze(1) > 0
             self.class_weights[seen] = self.accum[seen] / total[seen]
         self.accum.zero_()
         self.current_epoch.fill_(epoch)
+
+    def process_sums(self) -> list[Tensor]:
+        return [self.accum]
 
     def forward(  # type: ignore[override]
         self, model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, step_size: Tensor

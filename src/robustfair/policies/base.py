@@ -72,6 +72,11 @@ class Policy:
     def observe(self, x: Tensor, y: Tensor, out: ObjectiveOutput, index: Tensor) -> None:
         """See a training batch (only called when ``"train_batches" in needs``)."""
 
+    def process_sums(self) -> list[Tensor]:
+        """Tensors that hold this process's part of sums over training batches, as
+        :meth:`Objective.process_sums <robustfair.objectives.base.Objective.process_sums>`."""
+        return []
+
     # --- epoch boundaries
     def on_epoch_start(self, epoch: int) -> None:
         pass

@@ -135,6 +135,9 @@ class DAFA(Policy):
             self._prob_sum.index_add_(0, yc, prob)
             self._count += torch.bincount(yc, minlength=self.num_classes).double()
 
+    def process_sums(self) -> list[Tensor]:
+        return [] if self.active else [self._prob_sum, self._count]
+
     # ------------------------------------------------------------------ epoch end
     def on_epoch_end(self, ctx: EpochContext) -> None:
         if ctx.epoch != self.tau or self.active:

@@ -15,6 +15,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from ..engine import distributed
+from ..engine.distributed import all_reduce_max
 from ..objectives.base import ObjectiveOutput
 from . import POLICIES
 from ._classwise import natural_and_rest, per_class_rates, per_sample
@@ -60,7 +62,8 @@ class FRL(Policy):
     its α = ε/4; ``remargin_step: per_sample`` gives each sample α·m_y). α1 halves every
     ``halve_every`` updates. Before the first update the policy is plain training, which plays
     the role of FRL's pre-trained starting point. The validation attack takes steps of ε/4
-    (``val_step``), FRL's 2/255 at ε = 8/255.
+    (``val_step``), FRL's 2/255 at ε = 8/255. Under torchrun the batch of these sums and of this
+    maximum is the global batch (summed, or maximised, over processes).
     """
 
     class Params(PolicyParams):
@@ -118,17 +121,23 @@ class FRL(Policy):
     def attack_step(self, step: Tensor, scale: Tensor, eps: Tensor) -> Tensor:
         if self.params.remargin_step == "per_sample":
             return step * scale
-        return (step * scale).amax() * torch.ones_like(step)
+        # the maximum over the global batch: under torchrun over every process's share
+        return all_reduce_max((step * scale).amax()) * torch.ones_like(step)
 
     def combine(self, out: ObjectiveOutput, y: Tensor) -> Tensor:
         if not self.reweights:
             return out.total()
         natural, rest = natural_and_rest(out)
         w0, w1 = (per_sample(w, y).to(rest.dtype) for w in self.class_weights())
-        n = len(y)
-        loss = rest * (n * w1 / w1.sum())
+        n: Any = len(y)
+        s1, s0 = w1.sum(), w0.sum()
+        if distributed.active():  # n and the weight sums of the global batch
+            tot = distributed.all_reduce_sum(torch.stack([torch.tensor(
+                float(n), dtype=torch.float64, device=s1.device), s1.double(), s0.double()]))
+            n, s1, s0 = tot[0], tot[1], tot[2]
+        loss = rest * (n * w1 / s1)
         if natural is not None:
-            loss = loss + natural * (n * w0 / w0.sum())
+            loss = loss + natural * (n * w0 / s0)
         return loss
 
     # ------------------------------------------------------------------ epoch end
