@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import platform
 import subprocess
@@ -395,6 +396,35 @@ def _map(fn: Any, items: list[Any], jobs: int) -> Iterator[Any]:
 
 #: figures of every run trained in this process, by its full config
 RUN_CACHE: dict[str, dict[str, float]] = {}
+#: figures of every run trained so far (one JSON line per run: the sha256 of its full config,
+#: its figures, the commit): a run is never trained twice, also across invocations
+RUN_LOG = RESULTS / "runs.jsonl"
+
+
+def config_key(cfg: RunConfig) -> str:
+    return json.dumps(cfg.model_dump(), sort_keys=True, default=str)
+
+
+def _sha(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def load_run_log(path: Path = RUN_LOG) -> dict[str, dict[str, float]]:
+    """The figures in ``path`` by config sha256 (later lines win)."""
+    out: dict[str, dict[str, float]] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            out[rec["config_sha256"]] = rec["figures"]
+    return out
+
+
+def append_run_log(key: str, figures: dict[str, float], commit: str,
+                   path: Path = RUN_LOG) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"config_sha256": _sha(key), "figures": figures,
+                            "commit": commit}) + "\n")
 
 
 def run_effect(name: str, seeds: list[int], smoke: bool = False, real: bool = False,
@@ -413,13 +443,18 @@ def run_effect(name: str, seeds: list[int], smoke: bool = False, real: bool = Fa
     plan = {(label, role, seed): _arm_config(eff, arm, seed, smoke)
             for label, base, method, _ in pairs for seed in seeds
             for role, arm in (("base", base), ("method", method))}
-    keys = {task: json.dumps(cfg.model_dump(), sort_keys=True, default=str)
-            for task, cfg in plan.items()}
-    # the same run is trained once, also across the methods of one invocation (the --real
-    # methods share their TRADES baseline)
+    keys = {task: config_key(cfg) for task, cfg in plan.items()}
+    # the same run is trained once: across the methods of one invocation (the --real methods
+    # share their TRADES baseline) and, outside --smoke, across invocations (RUN_LOG)
+    logged = {} if smoke else load_run_log()
+    for key in keys.values():
+        if key not in cache and _sha(key) in logged:
+            cache[key] = logged[_sha(key)]
     todo = {keys[t]: cfg for t, cfg in plan.items() if keys[t] not in cache}
     for key, figures in zip(todo, _map(train_and_evaluate, list(todo.values()), jobs)):
         cache[key] = figures
+        if not smoke:
+            append_run_log(key, figures, prov["commit"] + ("+" if prov["dirty"] else ""))
         task = next(t for t in plan if keys[t] == key)
         log(f"  [{task[0]}] {task[1]} seed {task[2]}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in figures.items()))
