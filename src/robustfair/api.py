@@ -46,10 +46,11 @@ class Evaluation:
 
     def table(self) -> str:
         """The per-class table (rows: classes, columns: attacks) as ``robustfair eval`` prints
-        it."""
-        from .commands.evaluate import render
+        it, and a line saying which images were evaluated."""
+        from .commands.evaluate import images_line, render
 
-        return render(self.summary(), "accuracy (%) per class")
+        summary = self.summary()
+        return render(summary, "accuracy (%) per class") + f"\nimages: {images_line(summary)}"
 
     def accuracy(self, attack: str = "clean") -> float:
         """Average accuracy under ``attack`` (a fraction)."""
@@ -76,7 +77,7 @@ def evaluate(model: nn.Module, data: Any, y: Tensor | None = None, *, eps: float
              step_size: float | None = None, num_classes: int | None = None,
              class_names: Sequence[str] | None = None, groups: Tensor | None = None,
              data_root: str | None = None, device: torch.device | str | None = None,
-             quiet: bool = True) -> Evaluation:
+             bounded: bool | None = None, quiet: bool = True) -> Evaluation:
     """Evaluate ``model`` per class under each attack.
 
     Args:
@@ -99,14 +100,19 @@ def evaluate(model: nn.Module, data: Any, y: Tensor | None = None, *, eps: float
         groups: a group label per image (demographic groups): adds the group figures.
         data_root: folder of the dataset files when ``data`` is a dataset name.
         device: where to attack (default: the model's device).
+        bounded: whether the inputs are images in [0, 1] that attacks keep in that box (default:
+            the dataset's setting for a dataset name, else True); ``False`` for data that are
+            not images (e.g. ``fairbatch-synthetic``), where only attacks that need no box run.
         quiet: no progress bars.
 
     Returns:
         An :class:`Evaluation` (``.table()``, ``.summary()``, ``.save(DIR)``).
     """
-    from .engine.protocol import evaluate_images
+    from .engine.protocol import evaluate_images, state_sha256
 
-    split, info = _as_split(data, y, groups, data_root)
+    split, info = _as_split(data, y, groups, data_root, bounded)
+    if bounded is None:
+        bounded = info.get("bounded", True)
     c = num_classes or info.get("num_classes") or int(split.y.max()) + 1
     names = list(class_names or info.get("class_names") or [str(k) for k in range(c)])
     if device is not None:
@@ -116,12 +122,13 @@ def evaluate(model: nn.Module, data: Any, y: Tensor | None = None, *, eps: float
         step_size=step_size, num_classes=c, device=torch.device(device) if device else None,
         describe={"dataset": info.get("dataset", "arrays"), "split": "test",
                   "model": type(model).__name__, "class_names": names,
-                  "group_names": info.get("group_names", [])}, quiet=quiet)
+                  "group_names": info.get("group_names", [])}, quiet=quiet, bounded=bounded,
+        fingerprint={"sha256": state_sha256(model), "weights": "as given"})
     return Evaluation(res)
 
 
-def _as_split(data: Any, y: Tensor | None, groups: Tensor | None,
-              data_root: str | None) -> tuple[Any, dict[str, Any]]:
+def _as_split(data: Any, y: Tensor | None, groups: Tensor | None, data_root: str | None,
+              bounded: bool | None = None) -> tuple[Any, dict[str, Any]]:
     """An ArrayData from tensors, a DataLoader or a dataset name; and what is known about it."""
     from .data.core import ArrayData
 
@@ -132,7 +139,7 @@ def _as_split(data: Any, y: Tensor | None, groups: Tensor | None,
         bundle = load_data(DataConfig(name=data, root=data_root))
         return bundle.test, {"dataset": data, "num_classes": bundle.num_classes,
                              "class_names": bundle.class_names,
-                             "group_names": bundle.group_names}
+                             "group_names": bundle.group_names, "bounded": bundle.bounded}
     if isinstance(data, ArrayData):
         return data, {}
     if isinstance(data, Tensor):
@@ -140,14 +147,17 @@ def _as_split(data: Any, y: Tensor | None, groups: Tensor | None,
             raise UserError("give the labels: evaluate(model, x, y, eps=...)")
         x = data.detach().cpu()
     elif isinstance(data, Iterable):
-        x, y, groups = _collect(data)
+        x, y, found = _collect(data)
+        groups = found if found is not None else groups
     else:
         raise UserError(f"data must be images with labels, a DataLoader or a dataset name, not "
                         f"{type(data).__name__}")
-    if x.dtype != torch.uint8 and len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
+    if bounded is not False and x.dtype != torch.uint8 and len(x) and (
+            float(x.min()) < 0 or float(x.max()) > 1):
         raise UserError(f"images must be in [0, 1] (found {float(x.min()):.3g} to "
                         f"{float(x.max()):.3g}); divide by 255 or undo the normalization and "
-                        f"put it inside the model")
+                        f"put it inside the model (or pass bounded=False for data that are "
+                        f"not images)")
     return ArrayData(x, torch.as_tensor(y).cpu(),
                      None if groups is None else torch.as_tensor(groups).cpu()), {}
 

@@ -231,33 +231,12 @@ def save_heatmap(p: Tensor, names: list[str], path: Path, title: str,
 
 
 def _load_run(run_dir: Path) -> tuple[Any, Any, nn.Module, torch.device]:
-    """(config, data, evaluation model, device) of a trained run directory."""
-    import yaml
+    """(config, data, evaluation model, device) of a trained run directory: the model that
+    ``robustfair eval`` evaluates."""
+    from ..commands.evaluate import load_run
 
-    from ..config import build_config
-    from ..data import load_data
-    from ..engine.integrity import verify_checkpoint
-    from ..engine.io import load_checkpoint
-    from ..engine.trainer import Trainer
-
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.exists():
-        raise UserError(f"{str(run_dir)!r} is not a run directory (no config.yaml); give the "
-                        f"folder that 'robustfair train' created")
-    cfg = build_config(yaml.safe_load(cfg_file.read_text()))
-    ckpt = run_dir / "checkpoints" / f"{cfg.eval.checkpoint}.pt"
-    if not ckpt.exists():
-        raise UserError(f"{str(ckpt)!r} not found; train the run first")
-    data = load_data(cfg.data)
-    trainer = Trainer(cfg, run_dir, data=data, quiet=True)
-    verify_checkpoint(ckpt)
-    trainer.load_state_dict(load_checkpoint(ckpt, map_location=trainer.device))
-    model = trainer.policy_eval_model()
-    if model is None:
-        model = trainer.eval_model()
-        if trainer.ema is not None and cfg.train.ema.evaluate:
-            model = trainer.ema.copy_into(trainer.model)
-    return cfg, data, model, trainer.device
+    t = load_run(run_dir)
+    return t.cfg, t.data, t.model, t.device
 
 
 def analyze_class_distance(run_dir: str | Path, attack: str = "pgd20", n: int | None = None,
@@ -275,6 +254,7 @@ def analyze_class_distance(run_dir: str | Path, attack: str = "pgd20", n: int | 
         The result dictionary that was saved as JSON.
     """
     from ..engine.io import atomic_write_json
+    from ..engine.protocol import eval_eps_norm
 
     run_dir = Path(run_dir)
     cfg, data, model, device = _load_run(run_dir)
@@ -286,8 +266,7 @@ def analyze_class_distance(run_dir: str | Path, attack: str = "pgd20", n: int | 
     if len(split) == 0:
         raise UserError(f"the {cfg.eval.split} split of {cfg.data.name!r} is empty; use "
                         f"--set eval.split=val or another dataset")
-    eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
-    norm = cfg.eval.norm or cfg.attack.norm
+    eps, norm = eval_eps_norm(cfg)
     stats = class_statistics(model, split, attack, eps, norm, data.num_classes,
                              cfg.eval.batch_size, cfg.eval.step_size, device, cfg.seed,
                              data.bounded)

@@ -97,6 +97,26 @@ class AutoAttack(Attack):
 
     Params = AutoAttackParams
 
+    @property
+    def name(self) -> str:
+        """The spec (e.g. ``autoattack``), with ``-custom-…`` added when the components, their
+        iterations, queries or targets differ from the version's (not the standard protocol)."""
+        from . import parse_attack_spec
+
+        base = self.spec or getattr(self, "registered_name", "autoattack")
+        fields = type(self.params).model_fields
+        parts = []
+        if self.attacks:
+            parts.append("+".join(self.attacks))
+        spec_steps = parse_attack_spec(self.spec)[1] if self.spec else None
+        if self.steps != fields["steps"].default and self.steps != spec_steps:
+            parts.append(f"{self.steps}it")
+        if self.n_queries != fields["n_queries"].default:
+            parts.append(f"{self.n_queries}q")
+        if self.n_target_classes is not None:
+            parts.append(f"{self.n_target_classes}t")
+        return f"{base}-custom-{'-'.join(parts)}" if parts else base
+
     def component_names(self) -> list[str]:
         if self.attacks:
             return list(self.attacks)

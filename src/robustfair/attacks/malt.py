@@ -9,9 +9,10 @@ each class's decision boundary,
 
 with ‖·‖_* the dual of the attack's norm (ℓ1 for ℓ∞, ℓ2 for ℓ2), and attacks the targets of
 smallest d_t first. For a linear model d_t is the exact distance to the boundary between y and t
-(inputs unbounded), so the ranking is exact there. One backward pass per class and point is
-spent on the ranking (computed in chunks of classes so that memory stays at one gradient per
-point at a time).
+(inputs unbounded), so the ranking is exact there. The ranking costs one forward pass and C + 1
+backward passes per batch (one for the true class, one per class), all through the graph of that
+one forward pass, which is kept until the last; each class's input gradient is reduced to its
+dual norm before the next is computed.
 """
 
 from __future__ import annotations

@@ -102,14 +102,14 @@ def eval_cmd(run_dir: Path | None, attacks: str | None, overrides: tuple[str, ..
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(render(summary, f"{target.label}: accuracy (%) per class"))
-        click.echo(f"images: {_images_line(summary)}")
+        click.echo(f"images: {images_line(summary)}")
         click.echo(f"saved: {saved}" + ("" if saved is None or saved.parent == target.out_dir
                                         else f" (beside {target.out_dir / 'summary.json'}, "
                                              f"which has other settings)"))
     return 0
 
 
-def _images_line(summary: dict[str, Any]) -> str:
+def images_line(summary: dict[str, Any]) -> str:
     sub = summary.get("settings", {}).get("subset") or {}
     if not sub:
         return f"{summary.get('n')}"
@@ -172,6 +172,7 @@ def load_run(run_dir: Path, overrides: list[str] | None = None, which: str | Non
     from ..data import load_data
     from ..engine.integrity import verify_checkpoint
     from ..engine.io import load_checkpoint, sha256_file
+    from ..engine.protocol import trainer_eval_model
     from ..engine.trainer import Trainer
 
     cfg_file = run_dir / "config.yaml"
@@ -194,15 +195,11 @@ def load_run(run_dir: Path, overrides: list[str] | None = None, which: str | Non
     trainer = Trainer(cfg, run_dir, data=data, quiet=True)
     verify_checkpoint(ckpt)
     trainer.load_state_dict(load_checkpoint(ckpt, map_location=trainer.device))
-    model = trainer.eval_model()
-    if trainer.ema is not None and cfg.train.ema.evaluate:
-        model = trainer.ema.copy_into(trainer.model)
-    averaged = trainer.policy_eval_model()
-    if averaged is not None:
-        model = averaged
+    model, weights = trainer_eval_model(trainer)
     model.eval()
     return Target(cfg, data, model, trainer.device, out or run_dir / "eval", str(run_dir),
-                  run_dir, {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt)})
+                  run_dir, {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt),
+                            "weights": weights})
 
 
 def _validated(run_dir: Path) -> bool:
@@ -240,7 +237,8 @@ def load_model_file(path: Path, model_name: str, dataset: str, overrides: list[s
     state = model_state_dict(load_checkpoint(path, map_location="cpu"))
     model = build_from_state(state, cfg, data).to(device).eval()
     return Target(cfg, data, model, device, out or path.parent / f"{path.stem}-eval", str(path),
-                  None, {"checkpoint": str(path), "sha256": sha256_file(path)})
+                  None, {"checkpoint": str(path), "sha256": sha256_file(path),
+                         "weights": "as saved"})
 
 
 def load_zoo_target(name: str, dataset: str | None, threat: str, model_dir: Path,
@@ -265,7 +263,7 @@ def load_zoo_target(name: str, dataset: str | None, threat: str, model_dir: Path
     data = load_data(cfg.data)
     return Target(cfg, data, model.to(device), device, out or Path(f"{name}-eval"), name, None,
                   {"checkpoint": str(path), "sha256": sha256_file(path),
-                   "model": f"robustbench:{name}", "threat": threat})
+                   "model": f"robustbench:{name}", "threat": threat, "weights": "as saved"})
 
 
 _NORM_KEYS = (("mu", "sigma"), ("mean", "std"))
@@ -359,8 +357,8 @@ def render(summary: dict[str, Any], title: str) -> str:
 
 
 def _for_display(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary with the parameter-free attacks (APGD, FAB, AutoAttack) described by their
-    protocol instead of a PGD step size."""
+    """The summary with the parameter-free attacks (APGD, FAB, Square, AutoAttack) described by
+    their protocol (iterations or queries, seed) instead of a PGD step size."""
     settings = dict(summary.get("settings", {}))
     stages = settings.get("stages", {})
     shown = []
@@ -374,6 +372,8 @@ def _for_display(summary: dict[str, Any]) -> dict[str, Any]:
             else:
                 text = f"{a['attack']} ({a['steps']} iterations, restarts {a.get('restarts', 1)})"
             a = {"attack": text}
+        elif "n_queries" in a and "steps" not in a:  # Square
+            a = {"attack": f"{a['attack']} ({a['n_queries']} queries, seed {a.get('seed')})"}
         shown.append(a)
     settings["attacks"] = shown
     return {**summary, "settings": settings}
@@ -423,7 +423,8 @@ def _print_checks(target: Target, quiet: bool, as_json: bool) -> int:
     bad = sum(not r.passed for r in results)
     record = {"settings": {"eps": eps, "norm": norm, "n": len(y), "subset": subset,
                            "dataset": cfg.data.name, "seed": cfg.seed,
-                           "versions": package_versions(), **target.fingerprint},
+                           "versions": package_versions(target.device),
+                           **target.fingerprint},
               "passed": len(results) - bad, "failed": bad,
               "checks": [r.as_dict() for r in results]}
     atomic_write_json(target.out_dir / "checks.json", record)

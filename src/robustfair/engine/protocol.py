@@ -21,12 +21,44 @@ from .subset import eval_subset
 STATE_FILE = "eval_state.json"
 
 
-def package_versions() -> dict[str, str]:
-    """The versions that decide a result: robustfair, torch, Python, and the device kind."""
+def package_versions(device: torch.device | str | None = None) -> dict[str, str]:
+    """The versions that decide a result: robustfair, torch, Python, and the device kind (e.g.
+    ``cpu`` or ``cuda: NVIDIA H100``) when ``device`` is given."""
     from .. import __version__
 
-    return {"robustfair": __version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    out = {"robustfair": __version__, "torch": torch.__version__,
+           "python": platform.python_version()}
+    if device is not None:
+        device = torch.device(device)
+        kind = device.type
+        if device.type == "cuda" and torch.cuda.is_available():
+            kind += f": {torch.cuda.get_device_name(device)}"
+        out["device"] = kind
+    return out
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes, in name order): two
+    models with other weights get other fingerprints."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def trainer_eval_model(trainer: Any) -> tuple[nn.Module, str]:
+    """The model that evaluation uses from a trainer's present state, and which weights it
+    holds: ``averaged`` (the policy's, e.g. CFA), ``ema`` (``train.ema.evaluate``) or ``raw``."""
+    model = trainer.policy_eval_model()
+    if model is not None:
+        return model, "averaged"
+    if trainer.ema is not None and trainer.cfg.train.ema.evaluate:
+        return trainer.ema.copy_into(trainer.model), "ema"
+    return trainer.eval_model(), "raw"
 
 
 def eval_eps_norm(cfg: Any) -> tuple[float, str]:
@@ -81,7 +113,7 @@ def evaluate_images(model: nn.Module, split: Any, attacks: list[str], eps: float
                           device, seed, state_path=state, resume=resume, fingerprint=fp,
                           quiet=quiet, bounded=bounded)
     res.settings.update({**describe, "batch_size": batch_size, "step_size": step_size,
-                         "subset": subset, "versions": package_versions(),
+                         "subset": subset, "versions": package_versions(device),
                          **(fingerprint or {})})
     saved = None
     if out_dir is not None and distributed.rank() == 0:
@@ -94,4 +126,4 @@ def evaluate_images(model: nn.Module, split: Any, attacks: list[str], eps: float
 
 
 __all__ = ["STATE_FILE", "eval_eps_norm", "evaluate_images", "evaluate_split",
-           "package_versions"]
+           "package_versions", "state_sha256", "trainer_eval_model"]

@@ -1,7 +1,8 @@
 """A run's record of evaluations: each evaluation adds to it, none silently replaces another.
 
-An evaluation is keyed by the settings that decide its numbers: the model file (sha256), the
-dataset, split and images (sha256 of the subset), ε, norm, seed and batch size (the attacks'
+An evaluation is keyed by the settings that decide its numbers: the model file (sha256; for a
+model given to the Python API, of its state dict), which weights of it (``raw``, ``ema``,
+``averaged``, or ``as saved``/``as given``), the dataset, split and images (sha256 of the subset), ε, norm, seed and batch size (the attacks'
 random draws are seeded per batch). Its rows (one per attack) live in one matrix.
 
 - A new evaluation with the key of ``eval/summary.json`` (the run's main evaluation) adds its
@@ -38,7 +39,7 @@ INDEX = "index.json"
 SUMMARY = "summary.json"
 MATRIX = "summary_matrix.npz"
 #: the settings that make two evaluations comparable row by row
-KEY_FIELDS = ("sha256", "model", "dataset", "split", "images", "eps", "norm", "seed",
+KEY_FIELDS = ("sha256", "weights", "model", "dataset", "split", "images", "eps", "norm", "seed",
               "batch_size", "step_size")
 
 
@@ -96,7 +97,7 @@ def _merge_settings(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     by_name = {a["attack"]: a for a in old.get("attacks", [])}
     by_name.update({a["attack"]: a for a in new.get("attacks", [])})
     out["attacks"] = list(by_name.values())
-    for k in ("stages", "timing_s"):
+    for k in ("stages", "timing_s", "stage_time"):
         if k in old or k in new:
             out[k] = {**old.get(k, {}), **new.get(k, {})}
     out["history"] = list(old.get("history", [])) + list(new.get("history", []))

@@ -9,8 +9,11 @@ A point misclassified without attack counts as broken under every attack and is 
 Progress is kept in a state file (per-row correct flags and predictions, the finished rows, and
 how many batches of the current row are done), written atomically after every finished row and
 at most every ``save_every`` seconds in between, so that a stopped evaluation resumes without
-repeating finished work. Every batch is seeded from (seed, row, batch number): a resumed
-evaluation gives the same matrix as an uninterrupted one.
+repeating finished work. Every batch is seeded from (seed, row, batch number) (see
+:func:`batch_seed`): torch's global generator is seeded with it, and so is the private generator
+of a stochastic attack (APGD, FAB, Square, each AutoAttack component) unless the attack was given
+its own ``seed``. A resumed evaluation gives the same matrix as an uninterrupted one, and another
+run seed gives other random draws.
 """
 
 from __future__ import annotations
@@ -160,6 +163,23 @@ def batch_seed(seed: int, row: str, batch: int) -> int:
     return zlib.crc32(f"{seed}/{row}/{batch}".encode()) + seed * 1_000_003
 
 
+def derives_seed(attack: Attack | None, ensemble: Attack | None = None) -> bool:
+    """Whether ``attack`` takes its seed from :func:`batch_seed`: it has a ``seed`` parameter
+    and neither it (standalone) nor its ensemble (a component) was given one explicitly."""
+    if attack is None or "seed" not in type(attack.params).model_fields:
+        return False
+    owner = ensemble if ensemble is not None else attack
+    return "seed" not in owner.params.model_fields_set
+
+
+def describe_seeded(attack: Attack, seed: int) -> dict[str, Any]:
+    """``attack.describe()`` with the seed its random draws actually use."""
+    d = attack.describe()
+    if "seed" in d and derives_seed(attack):
+        d["seed"] = f"per batch from run seed {seed}"
+    return d
+
+
 def evaluate_staged(
     model: nn.Module, data: Any, attacks: Sequence[str | Attack], eps: float, norm: str = "linf",
     num_classes: int | None = None, batch_size: int = 500, step_size: float | None = None,
@@ -175,7 +195,7 @@ def evaluate_staged(
     stages = plan(built)
     n = len(data)
     fp = {"eps": eps, "norm": norm, "seed": seed, "n": n, "batch_size": batch_size,
-          "attacks": [a.describe() for a in built], **(fingerprint or {})}
+          "attacks": [describe_seeded(a, seed) for a in built], **(fingerprint or {})}
     state = EvalState.open(state_path, fp, n, resume)
     if state.rows:
         log.info("resuming: %s already done", ", ".join(state.rows))
@@ -203,7 +223,8 @@ def evaluate_staged(
     correct = torch.stack([state.rows[r][0] for r in names])
     pred = torch.stack([state.rows[r][1] for r in names])
     settings = {
-        "eps": eps, "norm": norm, "seed": seed, "n": n, "attacks": [a.describe() for a in built],
+        "eps": eps, "norm": norm, "seed": seed, "n": n,
+        "attacks": [describe_seeded(a, seed) for a in built],
         "stages": {a.name: [s for s, _ in a.stages()] for a in built if isinstance(a, AutoAttack)},
         "timing_s": timing,
         "stage_time": {r: {"seconds": t, "points": attacked.get(r, 0)} for r, t in timing.items()
@@ -236,6 +257,7 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
     bar = _bar(quiet, stage.row, len(todo), sum(len(c) for c in chunks[:start]))
     ticker = _IterationTicker(model, bar, len(chunks))
     attacked = 0
+    derive = derives_seed(stage.attack, stage.ensemble)
     for b in range(start, len(chunks)):
         ticker.batch = b
         if b % distributed.world_size() != distributed.rank():
@@ -257,11 +279,17 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
             state.progress(stage.row, b + 1, correct, pred, save_every)
             continue
         rng = torch.get_rng_state()
-        torch.manual_seed(batch_seed(seed, stage.row, b))
+        b_seed = batch_seed(seed, stage.row, b)
+        torch.manual_seed(b_seed)
+        own = stage.attack.seed if derive else None
+        if derive:
+            stage.attack.seed = b_seed  # the attack's private generator
         try:
             x_adv = stage.attack(model, x, y, eps)
         finally:
             torch.set_rng_state(rng)
+            if derive:
+                stage.attack.seed = own
         with eval_mode(model), torch.no_grad():
             p = model(x_adv).argmax(1).cpu()
         pred[idx], correct[idx] = p, p == labels[idx]

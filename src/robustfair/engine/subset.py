@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..data.core import SPLIT_SEED, ArrayData, stratified_indices
+from ..errors import UserError
 
 RULE = ("class-stratified: each class gets a share of n proportional to its size (remainder to "
         "the largest classes), drawn with a fixed seed; indices sorted")
@@ -26,7 +27,9 @@ RULE = ("class-stratified: each class gets a share of n proportional to its size
 
 def subset_indices(labels: Tensor, n: int | None, seed: int = SPLIT_SEED) -> Tensor:
     """Sorted indices of the class-stratified subset of ``n`` (all indices when ``n`` is None
-    or not smaller than the split)."""
+    or not smaller than the split); ``n`` below 1 is refused."""
+    if n is not None and int(n) < 1:
+        raise UserError(f"the number of images must be at least 1 (got {n})")
     total = len(labels)
     if n is None or n >= total:
         return torch.arange(total)

@@ -598,12 +598,19 @@ class Trainer:
                    ) -> dict[str, Any]:
         cfg = self.cfg
         self._sync_buffers()
-        model = self.policy_eval_model()
-        if model is None:
-            model = (self.eval_model() if not (self.ema and cfg.train.ema.evaluate) else
-                     self.ema.copy_into(self.model))
-        ckpt = self.run_dir / "checkpoints" / "last.pt"
-        fp = {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt)} if ckpt.exists() else None
+        ckpt = self.run_dir / "checkpoints" / f"{cfg.eval.checkpoint}.pt"
+        if cfg.eval.checkpoint != "last" and ckpt.exists():  # eval.checkpoint: best
+            from ..commands.evaluate import load_run
+
+            t = load_run(self.run_dir, which=cfg.eval.checkpoint)
+            model, fp = t.model.to(self.device), t.fingerprint
+        else:
+            from .protocol import trainer_eval_model
+
+            model, weights = trainer_eval_model(self)
+            ckpt = self.run_dir / "checkpoints" / "last.pt"
+            fp = {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt),
+                  "weights": weights} if ckpt.exists() else {"weights": weights}
         return run_eval(model, self.data, cfg, self.run_dir / "eval",
                         attacks, self.device, quiet=self.quiet or not progress, fingerprint=fp)
 

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from ..engine.io import atomic_write_json
-from ..errors import UserError
 from ..metrics.classwise import class_summary
 
 log = logging.getLogger("robustfair")
@@ -25,46 +24,36 @@ log = logging.getLogger("robustfair")
 DEFAULT_FACTORS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
 
 
-def load_run_model(run_dir: Path, which: str = "last") -> tuple[Any, Any, Any, torch.device]:
-    """(model, data bundle, config, device) of a trained run, from ``checkpoints/WHICH.pt``."""
-    import yaml
+def load_run_model(run_dir: Path, which: str | None = None
+                   ) -> tuple[Any, Any, Any, torch.device]:
+    """(model, data bundle, config, device) of a trained run: the model that ``robustfair eval``
+    evaluates (EMA or averaged weights where the run evaluates those) from
+    ``checkpoints/WHICH.pt`` (default: the run's ``eval.checkpoint``)."""
+    from ..commands.evaluate import load_run
 
-    from ..config import build_config
-    from ..data import load_data
-    from ..engine.integrity import verify_checkpoint
-    from ..engine.io import load_checkpoint
-    from ..engine.trainer import Trainer
-
-    cfg = build_config(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
-    ckpt = run_dir / "checkpoints" / f"{which}.pt"
-    if not ckpt.exists():
-        raise UserError(f"{str(ckpt)!r} not found; train the run first, or skip the ε curve "
-                        f"with --no-eps-curve")
-    verify_checkpoint(ckpt)
-    data = load_data(cfg.data)
-    trainer = Trainer(cfg, run_dir, data=data, quiet=True)
-    trainer.load_state_dict(load_checkpoint(ckpt, map_location=trainer.device))
-    model = trainer.eval_model()
-    if trainer.ema is not None and cfg.train.ema.evaluate:
-        model = trainer.ema.copy_into(trainer.model)
-    return model, data, cfg, trainer.device
+    t = load_run(run_dir, None, which)
+    return t.model, t.data, t.cfg, t.device
 
 
 def compute_eps_curve(run_dir: Path, factors: Sequence[float] = DEFAULT_FACTORS,
-                      attack: str = "pgd10", n: int = 200, which: str = "last",
+                      attack: str = "pgd10", n: int = 200, which: str | None = None,
                       progress: Any = None) -> dict[str, Any]:
     """Accuracy per class under ``attack`` at ``factor · ε`` for each factor (ε = the run's
-    evaluation ε, else its training ε), on ``n`` stratified samples of the evaluation split.
+    evaluation ε, else its training ε), on ``n`` stratified samples of the evaluation split,
+    for the model of ``checkpoints/WHICH.pt`` (default: the run's ``eval.checkpoint``).
 
     ``progress`` (optional) is called with the number of finished attack runs."""
     from ..engine.evaluator import evaluate
 
-    model, data, cfg, device = load_run_model(run_dir, which)
+    from ..commands.evaluate import load_run
+    from ..engine.protocol import eval_eps_norm
     from ..engine.subset import eval_subset
 
+    target = load_run(run_dir, None, which)
+    model, data, cfg, device = target.model, target.data, target.cfg, target.device
+    which = Path(target.fingerprint["checkpoint"]).stem
     subset, images = eval_subset(data.split(cfg.eval.split), n, name=cfg.eval.split)
-    base = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
-    norm = cfg.eval.norm or cfg.attack.norm
+    base, norm = eval_eps_norm(cfg)
     eps_list = [float(f) * float(base) for f in factors]
     per_class, avg, worst = [], [], []
     for e in eps_list:
@@ -88,6 +77,7 @@ def compute_eps_curve(run_dir: Path, factors: Sequence[float] = DEFAULT_FACTORS,
 
 
 def checkpoint_sha(run_dir: Path, which: str = "last") -> str | None:
+    """The sha256 that ``checkpoints/WHICH.json`` records (None when there is none)."""
     side = run_dir / "checkpoints" / f"{which}.json"
     if not side.exists():
         return None
@@ -101,11 +91,23 @@ def checkpoint_sha(run_dir: Path, which: str = "last") -> str | None:
 
 def is_current(curve: dict[str, Any], run_dir: Path, factors: Sequence[float], attack: str,
                n: int) -> bool:
-    """Whether a saved curve was made with these settings from the present checkpoint."""
-    return (curve.get("checkpoint_sha256") == checkpoint_sha(run_dir, curve.get("checkpoint",
-                                                                                "last"))
+    """Whether a saved curve was made with these settings from the present checkpoint of the
+    run's ``eval.checkpoint``."""
+    return (curve.get("checkpoint") == _eval_checkpoint(run_dir)
+            and curve.get("checkpoint_sha256") == checkpoint_sha(run_dir, curve["checkpoint"])
             and curve.get("attack") == attack and list(curve.get("factors", [])) == list(factors)
             and curve.get("requested_n", curve.get("n")) == n)
+
+
+def _eval_checkpoint(run_dir: Path) -> str:
+    """The run's ``eval.checkpoint`` ('last' when its config cannot be read)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        return str(((raw or {}).get("eval") or {}).get("checkpoint") or "last")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "last"
 
 
 def eps_curve_for_report(run_dir: Path, saved: dict[str, Any] | None, factors: Sequence[float],
