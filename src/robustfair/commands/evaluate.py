@@ -92,7 +92,7 @@ def eval_cmd(run_dir: Path | None, attacks: str | None, overrides: tuple[str, ..
     if zoo_name is not None:
         if run_dir is not None or checkpoint is not None:
             raise UserError("give one of RUN_DIR, --checkpoint and --robustbench")
-        target = load_zoo_target(zoo_name, dataset, threat, model_dir, ov, out)
+        target = load_zoo_target(zoo_name, dataset, threat, model_dir, ov, out, norm)
     else:
         target = _load_target(run_dir, checkpoint, model_name, dataset, ov, which, out)
     if checks:
@@ -242,7 +242,8 @@ def load_model_file(path: Path, model_name: str, dataset: str, overrides: list[s
 
 
 def load_zoo_target(name: str, dataset: str | None, threat: str, model_dir: Path,
-                    overrides: list[str] | None = None, out: Path | None = None) -> Target:
+                    overrides: list[str] | None = None, out: Path | None = None,
+                    norm_given: str | None = None) -> Target:
     """A RobustBench zoo model (see :mod:`robustfair.models.zoo`) on ``dataset``'s test split,
     at the leaderboard's ε and norm unless ``--eps``/``--norm`` say otherwise."""
     from ..data import load_data
@@ -251,7 +252,13 @@ def load_zoo_target(name: str, dataset: str | None, threat: str, model_dir: Path
     from ..models.zoo import DEFAULT_EPS, load_zoo_model
 
     if not dataset:
-        raise UserError("--robustbench needs --dataset (cifar10, cifar100 or imagenet)")
+        raise UserError("--robustbench needs --dataset (cifar10 or cifar100)")
+    if dataset == "imagenet":
+        raise UserError("robustfair has no ImageNet loader; --robustbench takes --dataset "
+                        "cifar10 or cifar100")
+    if norm_given is not None and norm_given != threat:
+        raise UserError(f"--norm {norm_given} disagrees with --threat {threat}: a RobustBench "
+                        f"model is evaluated in its own threat model; give --threat {norm_given}")
     raw: dict[str, Any] = {"name": name, "data": {"name": dataset},
                            "eval": {"eps": DEFAULT_EPS.get(threat, 0.0),
                                     "norm": threat if threat in DEFAULT_EPS else "linf"}}
@@ -394,7 +401,7 @@ def confusion_table(matrix: list[list[int]], names: list[str] | None, attack: st
 def _print_checks(target: Target, quiet: bool, as_json: bool) -> int:
     """Run the sanity checks on the class-stratified subset (200 images unless --n), print each
     verdict as it comes and save them all in ``OUT/checks.json`` (the report shows them)."""
-    from ..engine.checks import BOX_ONLY, CHECKS
+    from ..engine.checks import default_checks, run_checks
     from ..engine.io import atomic_write_json
     from ..engine.protocol import eval_eps_norm, package_versions
     from ..engine.subset import eval_subset
@@ -409,12 +416,10 @@ def _print_checks(target: Target, quiet: bool, as_json: bool) -> int:
         click.echo(f"{target.label}: sanity checks on {len(y)} images, eps {eps:.4g} ({norm})")
     results = []
     bounded = target.data.bounded
-    for name, check in CHECKS.items():
-        if not bounded and name in BOX_ONLY:
-            continue  # Square and APGD work inside the [0, 1] box
+    for name in default_checks(bounded):  # Square and APGD work inside the [0, 1] box only
         if not quiet and not as_json:
             echo_err(f"running {name} ...")
-        r = check(target.model, x, y, eps, norm, False, bounded)
+        (r,) = run_checks(target.model, x, y, eps, norm, [name], False, bounded, cfg.seed)
         results.append(r)
         if not as_json:
             click.echo(f"{'PASS' if r.passed else 'FAIL'}  {r.name:<19} {r.verdict}")

@@ -51,13 +51,28 @@ def command(models: tuple[str, ...], dataset: str, attack: str, eps: str | None,
 
     A MODEL is a run directory, robustbench:NAME (a RobustBench zoo model; needs the
     robustbench extra and its weights in --model-dir), or a model file (with --model)."""
-    from ..units import parse_eps
+    from ..attacks import build_attack
     from ..engine.protocol import evaluate_images
+    from ..engine.subset import subset_indices
     from ..models.zoo import DEFAULT_EPS
     from ..report.leaderboard import Entry, Leaderboard, to_markdown, write_outputs
+    from ..units import parse_eps
 
     setup_logging(quiet)
-    budget = float(parse_eps(eps)) if eps is not None else DEFAULT_EPS[norm]
+    # every input is checked and every model loaded before anything is attacked or written
+    try:
+        budget = float(parse_eps(eps)) if eps is not None else DEFAULT_EPS[norm]
+    except (TypeError, ValueError):
+        raise UserError(f"--eps {eps!r} is not a number or fraction (e.g. 8/255)") from None
+    if not budget > 0:
+        raise UserError(f"--eps must be positive (got {eps})")
+    if n is not None and n < 1:
+        raise UserError(f"--n must be at least 1 (got {n})")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    if attack.strip().lower() == "clean":
+        raise UserError("--attack must be an attack (clean accuracy is always in the table), "
+                        "e.g. -a autoattack or -a pgd20")
     labels = _labels(models)
     base = 0
     if baseline is not None:
@@ -65,9 +80,18 @@ def command(models: tuple[str, ...], dataset: str, attack: str, eps: str | None,
             raise UserError(f"--baseline {baseline!r} is not among the models given")
         base = list(models).index(baseline) if baseline in models else labels.index(baseline)
     ov = ([f"data.root={data_root}"] if data_root else []) + list(overrides)
+    targets = [_target(spec, dataset, norm, model_name, model_dir, ov) for spec in models]
+    shas = set()
+    for target, _ in targets:
+        build_attack(attack, norm, bounded=target.data.bounded)  # refuses an unknown attack
+        y = target.data.split("test").y
+        idx = subset_indices(y, n)
+        shas.add((len(y), tuple(idx.tolist()), tuple(y[idx].tolist())))
+    if len(shas) > 1:
+        raise UserError("the models' test images differ (runs with other data settings, e.g. "
+                        "data.test_limit); give models evaluated on one test split")
     entries, names = [], []
-    for spec, label in zip(models, labels, strict=True):
-        target, source = _target(spec, dataset, norm, model_name, model_dir, ov)
+    for (target, source), label in zip(targets, labels, strict=True):
         if not quiet:
             echo_err(f"== {label}")
         data = target.data
@@ -76,7 +100,8 @@ def command(models: tuple[str, ...], dataset: str, attack: str, eps: str | None,
             batch_size=batch_size, num_classes=data.num_classes, device=target.device,
             describe={"dataset": dataset, "split": "test", "model": label,
                       "class_names": data.class_names, "group_names": data.group_names},
-            fingerprint=target.fingerprint, out_dir=out / _safe(label), quiet=quiet)
+            fingerprint=target.fingerprint, out_dir=out / _safe(label), quiet=quiet,
+            bounded=data.bounded)
         entries.append(Entry(label, source, res.summary()))
         names = [str(c) for c in (data.class_names or range(data.num_classes))]
     shas = {e.summary["settings"]["subset"]["sha256"] for e in entries}
@@ -116,7 +141,7 @@ def _target(spec: str, dataset: str, norm: str, model_name: str | None, model_di
                    "sha256": t.fingerprint["sha256"]}
     path = Path(spec)
     if path.is_dir():
-        t = load_run(path)
+        t = load_run(path, overrides)
         if t.cfg.data.name != dataset:
             raise UserError(f"run {spec!r} was trained on {t.cfg.data.name!r}, not {dataset!r}; "
                             f"give runs of one dataset")

@@ -58,6 +58,8 @@ def _logits(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
 def _robust_acc(model: nn.Module, spec: str, x: Tensor, y: Tensor, eps: float, norm: str,
                 seed: int = 0, bounded: bool = True, **params: Any) -> float:
     atk = build_attack(spec, norm, bounded=bounded, **params)
+    if "seed" in type(atk.params).model_fields and "seed" not in params:
+        atk.seed = seed  # the private generator of APGD, FAB, Square
     rng = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -124,14 +126,21 @@ def check_zero_gradients(model: nn.Module, x: Tensor, y: Tensor,
 
 
 def check_eps_zero(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf",
-                   attack: str = "pgd10", bounded: bool = True) -> CheckResult:
+                   attack: str = "pgd10", bounded: bool = True, seed: int = 0) -> CheckResult:
     """An attack with ε = 0 gives exactly the clean predictions."""
     clean = _logits(model, x).argmax(1)
     outside = bounded and (float(x.min()) < 0 or float(x.max()) > 1)
     # the attacks refuse inputs outside [0, 1]; what clipping them would do is what is checked
-    x_adv = (x.clamp(0, 1) if outside else
-             build_attack(attack, norm, bounded=bounded)(model, x, y, 0.0))
-    adv = _logits(model, x_adv).argmax(1)
+    if outside:
+        adv = _logits(model, x.clamp(0, 1)).argmax(1)
+    else:
+        rng = torch.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            adv = _logits(model, build_attack(attack, norm, bounded=bounded)(model, x, y, 0.0)
+                          ).argmax(1)
+        finally:
+            torch.set_rng_state(rng)
     acc_c, acc_a = float((clean == y).float().mean()), float((adv == y).float().mean())
     changed = int((clean != adv).sum())
     d = {"clean": acc_c, "eps0": acc_a, "changed_predictions": changed}
@@ -149,18 +158,18 @@ def check_eps_zero(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf",
 
 def check_monotone_eps(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "linf",
                        attack: str = "pgd20", factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0),
-                       tol: float = 0.01, bounded: bool = True) -> CheckResult:
+                       tol: float = 0.01, bounded: bool = True, seed: int = 0) -> CheckResult:
     """Robust accuracy does not rise with ε (by more than ``tol``)."""
     grid = [eps * f for f in factors]
-    accs = [_robust_acc(model, attack, x, y, e, norm, bounded=bounded) for e in grid]
+    accs = [_robust_acc(model, attack, x, y, e, norm, seed, bounded) for e in grid]
     return _monotone("monotone_eps", "ε", grid, accs, tol, attack)
 
 
 def check_monotone_steps(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "linf",
                          attack: str = "pgd", steps: tuple[int, ...] = (10, 50),
-                         tol: float = 0.01, bounded: bool = True) -> CheckResult:
+                         tol: float = 0.01, bounded: bool = True, seed: int = 0) -> CheckResult:
     """Robust accuracy does not rise with more attack steps (by more than ``tol``)."""
-    accs = [_robust_acc(model, f"{attack}{k}", x, y, eps, norm, bounded=bounded) for k in steps]
+    accs = [_robust_acc(model, f"{attack}{k}", x, y, eps, norm, seed, bounded) for k in steps]
     return _monotone("monotone_steps", "steps", list(steps), accs, tol, attack)
 
 
@@ -183,13 +192,13 @@ def _fmt(v: Any) -> str:
 
 
 def check_unbounded(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf",
-                    attack: str = "pgd50", max_acc: float = 0.02, bounded: bool = True
-                    ) -> CheckResult:
+                    attack: str = "pgd50", max_acc: float = 0.02, bounded: bool = True,
+                    seed: int = 0) -> CheckResult:
     """An attack whose ε covers the whole image box (unbounded data: the points' range)
     reaches about 0% accuracy."""
     width = 1.0 if bounded else float(x.max() - x.min())
     big = width if norm == "linf" else width * math.sqrt(x[0].numel())
-    acc = _robust_acc(model, attack, x, y, big, norm, bounded=bounded)
+    acc = _robust_acc(model, attack, x, y, big, norm, seed, bounded)
     d = {"eps": big, "accuracy": acc, "attack": attack}
     if acc > max_acc:
         return CheckResult("unbounded", False, f"an unbounded attack leaves {_pct(acc)} correct",
@@ -202,14 +211,15 @@ def check_unbounded(model: nn.Module, x: Tensor, y: Tensor, norm: str = "linf",
 
 def check_square_vs_whitebox(model: nn.Module, x: Tensor, y: Tensor, eps: float,
                              norm: str = "linf", n_queries: int = 1000, steps: int = 100,
-                             tol: float = 0.01, bounded: bool = True) -> CheckResult:
+                             tol: float = 0.01, bounded: bool = True, seed: int = 0
+                             ) -> CheckResult:
     """The black-box Square attack does not beat the white-box APGD-CE and APGD-T (AutoAttack's
     ``check_square_sr``)."""
     white = build_attack("autoattack", norm, attacks=["apgd-ce", "apgd-t"], steps=steps,
-                         bounded=bounded)
+                         bounded=bounded, seed=seed)
     xw = white(model, x, y, eps)
     acc_w = float((_logits(model, xw).argmax(1) == y).float().mean())
-    acc_s = _robust_acc(model, "square", x, y, eps, norm, n_queries=n_queries, bounded=bounded)
+    acc_s = _robust_acc(model, "square", x, y, eps, norm, seed, bounded, n_queries=n_queries)
     d = {"whitebox": acc_w, "square": acc_s, "n_queries": n_queries}
     if acc_s < acc_w - tol:
         return CheckResult("square_vs_whitebox", False, f"the black-box Square attack "
@@ -221,33 +231,41 @@ def check_square_vs_whitebox(model: nn.Module, x: Tensor, y: Tensor, eps: float,
                        f"{_pct(acc_w)}", details=d)
 
 
-#: name → function(model, x, y, eps, norm, quick, bounded) running one check with its default
-#: settings
+#: name → function(model, x, y, eps, norm, quick, bounded, seed=0) running one check with its
+#: default settings; ``seed`` seeds the attacks' random draws
 CHECKS: dict[str, Callable[..., CheckResult]] = {
-    "logits": lambda m, x, y, e, n, q, b: check_logits(m, x),
-    "deterministic": lambda m, x, y, e, n, q, b: check_deterministic(m, x),
-    "zero_gradients": lambda m, x, y, e, n, q, b: check_zero_gradients(m, x, y),
-    "eps_zero": lambda m, x, y, e, n, q, b: check_eps_zero(m, x, y, n, bounded=b),
-    "monotone_eps": lambda m, x, y, e, n, q, b: check_monotone_eps(m, x, y, e, n, bounded=b),
-    "monotone_steps": lambda m, x, y, e, n, q, b: check_monotone_steps(m, x, y, e, n,
-                                                                       bounded=b),
-    "unbounded": lambda m, x, y, e, n, q, b: check_unbounded(m, x, y, n, bounded=b),
-    "square_vs_whitebox": lambda m, x, y, e, n, q, b: check_square_vs_whitebox(
-        m, x, y, e, n, n_queries=300 if q else 1000, steps=20 if q else 100, bounded=b),
+    "logits": lambda m, x, y, e, n, q, b, s=0: check_logits(m, x),
+    "deterministic": lambda m, x, y, e, n, q, b, s=0: check_deterministic(m, x),
+    "zero_gradients": lambda m, x, y, e, n, q, b, s=0: check_zero_gradients(m, x, y),
+    "eps_zero": lambda m, x, y, e, n, q, b, s=0: check_eps_zero(m, x, y, n, bounded=b, seed=s),
+    "monotone_eps": lambda m, x, y, e, n, q, b, s=0: check_monotone_eps(m, x, y, e, n,
+                                                                        bounded=b, seed=s),
+    "monotone_steps": lambda m, x, y, e, n, q, b, s=0: check_monotone_steps(m, x, y, e, n,
+                                                                            bounded=b, seed=s),
+    "unbounded": lambda m, x, y, e, n, q, b, s=0: check_unbounded(m, x, y, n, bounded=b,
+                                                                  seed=s),
+    "square_vs_whitebox": lambda m, x, y, e, n, q, b, s=0: check_square_vs_whitebox(
+        m, x, y, e, n, n_queries=300 if q else 1000, steps=20 if q else 100, bounded=b, seed=s),
 }
 #: checks whose attacks only work inside the [0, 1] box
 BOX_ONLY = ("square_vs_whitebox",)
 
 
+def default_checks(bounded: bool = True) -> list[str]:
+    """The checks that run by default: all, less :data:`BOX_ONLY` on unbounded data."""
+    return [c for c in CHECKS if bounded or c not in BOX_ONLY]
+
+
 def run_checks(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "linf",
-               names: list[str] | None = None, quick: bool = False, bounded: bool = True
-               ) -> list[CheckResult]:
-    """Run the named checks (by default all, less :data:`BOX_ONLY` on unbounded data) on the
-    points ``x``, ``y`` (images in [0, 1] unless ``bounded`` is False)."""
-    default = [c for c in CHECKS if bounded or c not in BOX_ONLY]
-    return [CHECKS[name](model, x, y, eps, norm, quick, bounded) for name in (names or default)]
+               names: list[str] | None = None, quick: bool = False, bounded: bool = True,
+               seed: int = 0) -> list[CheckResult]:
+    """Run the named checks (by default :func:`default_checks`) on the points ``x``, ``y``
+    (images in [0, 1] unless ``bounded`` is False), the attacks' random draws seeded with
+    ``seed``."""
+    return [CHECKS[name](model, x, y, eps, norm, quick, bounded, seed)
+            for name in (names or default_checks(bounded))]
 
 
-__all__ = ["CHECKS", "CheckResult", "check_deterministic", "check_eps_zero", "check_logits",
+__all__ = ["CHECKS", "CheckResult", "check_deterministic", "default_checks", "check_eps_zero", "check_logits",
            "check_monotone_eps", "check_monotone_steps", "check_square_vs_whitebox",
            "check_unbounded", "check_zero_gradients", "run_checks"]

@@ -4,7 +4,8 @@ robustness benchmark", NeurIPS 2021 Datasets and Benchmarks, arXiv:2010.09670), 
 The architecture comes from the ``robustbench`` package (``pip install robustfair[robustbench]``),
 the weights from its usual local layout ``MODEL_DIR/DATASET/THREAT/NAME.pt`` (``models/`` by
 default, e.g. ``models/cifar10/Linf/Carmon2019Unlabeled.pt``), read with ``weights_only`` (no
-code in the file runs) and loaded strictly. A zoo model takes images in [0, 1] and normalizes
+code in the file runs) and loaded strictly (only normalization buffers that the file lacks keep
+the values the constructor gave them). A zoo model takes images in [0, 1] and normalizes
 inside, so it is evaluated like any robustfair model.
 
 Only ``robustbench.model_zoo`` is imported: the package's top level also imports its data
@@ -101,10 +102,27 @@ def load_zoo_model(name: str, dataset: str, threat: str,
     state = load_checkpoint(path, map_location="cpu")
     if isinstance(state.get("last"), dict):  # a few zoo files keep {'last': …, 'best': …}
         state = state["last"]
-    load_strict(model, state_dict_of(state), f"RobustBench model {name!r}",
+    state = with_normalization_buffers(model, state_dict_of(state))
+    load_strict(model, state, f"RobustBench model {name!r}",
                 f"check that {str(path)!r} holds the weights of {name}")
     return model.eval(), path
 
 
-__all__ = ["DEFAULT_EPS", "THREATS", "load_zoo_model", "weights_path", "zoo_entry",
-           "zoo_module"]
+_NORM_BUFFERS = ("mu", "sigma", "mean", "std")
+
+
+def with_normalization_buffers(model: nn.Module, state: dict[str, torch.Tensor]
+                               ) -> dict[str, torch.Tensor]:
+    """``state`` with the normalization buffers it lacks (``mu``/``sigma``, ``mean``/``std``,
+    ``normalize.*``) taken from ``model``, whose constructor set them: RobustBench's files omit
+    them for some models (RobustBench itself loads with ``strict=False``). Every other missing
+    key is left missing, so strict loading still names it."""
+    buffers = dict(model.named_buffers())
+    extra = {k: v for k, v in buffers.items() if k not in state and (
+        k.rsplit(".", 1)[-1] in _NORM_BUFFERS or k.startswith("normalize.")
+        or ".normalize." in k)}
+    return {**state, **extra} if extra else state
+
+
+__all__ = ["DEFAULT_EPS", "THREATS", "load_zoo_model", "weights_path",
+           "with_normalization_buffers", "zoo_entry", "zoo_module"]
