@@ -207,3 +207,107 @@ def test_report_and_compare_say_which_evaluation_they_use(run, capsys):
     from robustfair.report.compare import caption, compare_runs
 
     assert "eval/summary.json" in caption(compare_runs([path]))
+
+
+def _copy_run(path, tmp_path, **eval_settings):
+    """A copy of the run whose config.yaml has ``eval`` settings changed."""
+    import shutil
+
+    import yaml
+
+    dst = tmp_path / path.name
+    shutil.copytree(path, dst)
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg["eval"].update(eval_settings)
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return dst
+
+
+class _AlwaysZero(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        out = torch.zeros(len(x), 10) + 0 * self.w
+        out[:, 0] = 1.0
+        return out + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_eps_curve_and_analysis_use_the_evaluated_model(run, tmp_path, monkeypatch):
+    import shutil
+
+    from robustfair.analysis.class_distance import analyze_class_distance
+    from robustfair.engine.trainer import Trainer
+    from robustfair.report.eps_curve import compute_eps_curve, eps_curve_for_report
+
+    path = _copy_run(run[0], tmp_path, checkpoint="best")
+    ck = path / "checkpoints"
+    shutil.copy(ck / "last.pt", ck / "best.pt")
+    shutil.copy(ck / "last.json", ck / "best.json")
+    curve = eps_curve_for_report(path, None, (0.0,), "fgsm", 50)
+    assert curve["checkpoint"] == "best"
+    # the policy's averaged weights (CFA) are what the run evaluates, here a constant model
+    monkeypatch.setattr(Trainer, "policy_eval_model", lambda self: _AlwaysZero())
+    curve = compute_eps_curve(path, factors=(0.0, 1.0), attack="fgsm", n=50)
+    assert curve["per_class"][0][0] == 1.0 and all(v == 0.0 for v in curve["per_class"][0][1:])
+    res = analyze_class_distance(path, attack="fgsm", n=50, quiet=True)
+    assert res["clean_acc"][0] == 1.0 and sum(res["clean_acc"][1:]) == 0.0
+
+
+def test_the_weights_evaluated_are_part_of_the_record_key(run, tmp_path):
+    from robustfair.commands.evaluate import load_run
+    from robustfair.engine.record import evaluation_key, record_evaluation
+
+    assert load_run(run[0]).fingerprint["weights"] == "raw"
+    x, y = rf.load_run(run[0]).data.test.images()[:40], rf.load_run(run[0]).data.test.y[:40]
+    model = rf.load_run(run[0]).model
+    a = rf.evaluate(model, x, y, eps=0.1, attacks=["clean"]).result
+    b = rf.evaluate(model, x, y, eps=0.1, attacks=["clean"]).result
+    a.settings["weights"], b.settings["weights"] = "raw", "ema"
+    assert evaluation_key(a.settings) != evaluation_key(b.settings)
+    _, fa = record_evaluation(tmp_path, a)
+    _, fb = record_evaluation(tmp_path, b)
+    assert fa != fb
+
+
+def test_merging_keeps_the_stage_times_of_both():
+    from robustfair.engine.record import _merge_settings
+
+    old = {"stage_time": {"pgd3": {"seconds": 1.0, "points": 5}}, "attacks": []}
+    new = {"stage_time": {"fgsm": {"seconds": 0.5, "points": 4}}, "attacks": []}
+    assert set(_merge_settings(old, new)["stage_time"]) == {"pgd3", "fgsm"}
+
+
+def test_subset_refuses_fewer_than_one_image():
+    from robustfair.engine.subset import subset_indices
+    from robustfair.errors import UserError
+
+    for n in (0, -3):
+        with pytest.raises(UserError, match="at least 1"):
+            subset_indices(torch.arange(10) % 2, n)
+
+
+def test_final_evaluation_uses_eval_checkpoint(tmp_path):
+    from robustfair.engine.io import sha256_file
+
+    cfg = load_config(recipe="mnist5k-standard", overrides=[
+        *TINY, "train.epochs=2", "validation.every=1", "eval.checkpoint=best",
+        "data.val_size=0.1", f"output_dir={tmp_path}"])
+    path = rf.train(cfg)
+    s = json.loads((path / "eval" / "summary.json").read_text())["settings"]
+    assert s["checkpoint"].endswith("best.pt")
+    assert s["sha256"] == sha256_file(path / "checkpoints" / "best.pt")
+    assert s["weights"] == "raw"
+
+
+def test_checks_run_with_the_seed_they_record(run, capsys, monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(checks_mod, "CHECKS", {
+        "logits": lambda m, x, y, e, n, q, b, s=0: seen.append(s) or
+        checks_mod.check_logits(m, x)})
+    code, _, err = cli(["eval", str(run[0]), "--checks", "--n", "30", "--set", "seed=5",
+                        "--out", str(tmp_path), "-q"], capsys)
+    assert code == 0, err
+    assert seen == [5]
+    assert json.loads((tmp_path / "checks.json").read_text())["settings"]["seed"] == 5

@@ -115,3 +115,38 @@ def test_leaderboard_rows_share_images_and_record_them(trained_mlp, digits, tmp_
     assert rows[1]["worst"] == str(min(s["per_class"]))
     assert (out / "leaderboard.html").read_text().count("sha256") >= 2
     assert (out / "b" / "summary.json").exists()
+
+
+def test_robustbench_file_without_normalization_buffers_loads(zoo_files, tmp_path, capsys):
+    root, net = zoo_files
+    path = zoo.weights_path(NAME, "cifar10", "linf", tmp_path)
+    path.parent.mkdir(parents=True)
+    torch.save({k: v for k, v in net.state_dict().items() if k not in ("mu", "sigma")}, path)
+    model, _ = zoo.load_zoo_model(NAME, "cifar10", "linf", tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), net(x))
+    # --robustbench: no ImageNet loader, and a norm that is not the threat's is refused
+    base = ["eval", "--robustbench", NAME, "--model-dir", str(tmp_path), "--data-root",
+            str(root / "data"), "-q"]
+    code, _, err = cli([*base, "--dataset", "imagenet"], capsys)
+    assert code == 2 and "ImageNet" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli([*base, "--dataset", "cifar10", "--threat", "l2", "--norm", "linf"],
+                       capsys)
+    assert code == 2 and "--threat" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bad", [["-a", "clean"], ["--eps", "abc"], ["--n", "0"],
+                                 ["--n", "-3"], ["--batch-size", "0"], ["-a", "pgdx"],
+                                 ["MISSING"]])
+def test_leaderboard_refuses_bad_input_before_writing(trained_mlp, tmp_path, capsys, bad):
+    a = tmp_path / "a.pt"
+    torch.save(trained_mlp.state_dict(), a)
+    models = [str(a), str(tmp_path / "missing.pt")] if bad == ["MISSING"] else [str(a), str(a)]
+    opts = [] if bad == ["MISSING"] else bad
+    out = tmp_path / "lb"
+    code, _, err = cli(["leaderboard", *models, "--dataset", "digits", "--model", "mlp",
+                        "--set", "model.params.hidden=[64]", "-a", "pgd2", "--eps", "0.1",
+                        "--n", "20", *opts, "--out", str(out), "-q"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
