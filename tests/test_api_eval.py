@@ -121,3 +121,17 @@ def test_a_custom_autoattack_is_not_named_like_the_standard_one():
     assert custom.name.startswith("autoattack-custom") and "apgd-ce+square" in custom.name
     assert "10it" in custom.name
     assert AutoAttack(norm="linf", n_queries=100).name != "autoattack"
+
+
+def test_the_plain_evaluator_seeds_square_from_the_run_seed(trained_mlp, digits, monkeypatch):
+    from robustfair.engine.evaluator import evaluate
+
+    seen = _spy(monkeypatch, square_mod)
+    data = digits.test.subset(torch.arange(30))
+    runs = []
+    for seed in (0, 2, 0):
+        seen.clear()
+        evaluate(trained_mlp, data, [build_attack("square", "linf", n_queries=10)], 0.05,
+                 batch_size=15, seed=seed)
+        runs.append(list(seen))
+    assert runs[0] == runs[2] and runs[0] != runs[1] and len(runs[0]) == 2

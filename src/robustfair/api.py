@@ -89,10 +89,12 @@ def evaluate(model: nn.Module, data: Any, y: Tensor | None = None, *, eps: float
         eps: the budget ε (e.g. ``8/255``).
         norm: ``"linf"`` or ``"l2"``.
         attacks: attack names, e.g. ``["clean", "pgd20", "cw20", "autoattack"]`` (see
-            ``robustfair attacks``).
+            ``robustfair attacks``), or attack objects (an AutoAttack with other components or
+            budgets is named ``autoattack-custom-…``).
         n: evaluate a class-stratified subset of ``n`` images (the same as ``robustfair eval
             --n``); default all.
-        seed: seed of the attacks' random draws (per attack and batch).
+        seed: seed of the attacks' random draws (per attack and batch; an attack object given
+            its own ``seed`` keeps it).
         batch_size: images attacked at once.
         step_size: PGD step size (default: each attack's own).
         num_classes: number of classes (default: from the labels, or the dataset's).

@@ -131,7 +131,7 @@ class AutoAttack(Attack):
         for name in self.component_names():
             ex = extra.get(name, {})
             base = ex.get("attack", name)
-            kw = _component_params(base, self.params.model_dump(), ex)
+            kw = _component_params(base, {**self.params.model_dump(), "seed": self.seed}, ex)
             fields = ATTACKS.get(parse_attack_spec(base)[0]).Params.model_fields
             kw = {k: v for k, v in kw.items() if k in fields}  # e.g. no seed for PGD
             atk = build_attack(base, self.norm, **kw)

@@ -127,7 +127,10 @@ def evaluate(
     bounded: bool = True,
 ) -> EvalResult:
     """Run every attack on every sample of ``data`` (an :class:`ArrayData`); ``bounded``:
-    inputs are images in [0, 1] (attacks clip), else unbounded (``DataBundle.bounded``)."""
+    inputs are images in [0, 1] (attacks clip), else unbounded (``DataBundle.bounded``).
+    torch's generator is seeded with ``seed``; a stochastic attack's own generator (APGD, FAB,
+    Square, AutoAttack) with a seed per (seed, attack, first image of the batch) unless the
+    attack was given its own ``seed``."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     built: list[Attack] = [
         a if isinstance(a, Attack) else build_attack(a, norm, step_size, bounded=bounded)
@@ -143,6 +146,10 @@ def evaluate(
     order = torch.arange(n)
     if distributed.active():  # each process attacks its share; the matrix is summed after
         order = order[distributed.rank() :: distributed.world_size()]
+    from .staged import batch_seed, derives_seed, describe_seeded
+
+    derive = [derives_seed(a) for a in built]
+    own = [getattr(a, "seed", None) for a in built]
     gen_state = torch.get_rng_state()
     torch.manual_seed(seed + distributed.rank())
     try:
@@ -151,6 +158,8 @@ def evaluate(
             x = data.images(idx).to(device)
             y = data.y[idx.to(data.y.device)].to(device)
             for i, atk in enumerate(built):
+                if derive[i]:  # a private generator (APGD, FAB, Square): seeded per batch
+                    atk.seed = batch_seed(seed, atk.name, int(order[start]))
                 x_adv = atk(model, x, y, eps) if atk.name != "clean" else x
                 with eval_mode(model), torch.no_grad():
                     p = model(x_adv).argmax(1)
@@ -160,6 +169,9 @@ def evaluate(
                 progress(len(idx))
     finally:
         torch.set_rng_state(gen_state)
+        for atk, d, o in zip(built, derive, own, strict=True):
+            if d:
+                atk.seed = o
     if distributed.active():
         both = torch.cat([correct.long(), pred]).to(device)
         distributed.all_reduce_sum(both)
@@ -167,7 +179,7 @@ def evaluate(
         correct, pred = both[: len(built)].bool(), both[len(built) :]
     settings = {
         "eps": eps, "norm": norm, "seed": seed, "n": n,
-        "attacks": [a.describe() for a in built],
+        "attacks": [describe_seeded(a, seed) for a in built],
     }
     groups = data.group.cpu() if getattr(data, "group", None) is not None else None
     return EvalResult(names, correct, pred, data.y.cpu(), num_classes, groups, settings)
