@@ -330,9 +330,10 @@ def test_stage_times_in_outcome_and_summary(mlp, digits, standard_vs_fast):
     res = evaluate_staged(mlp, split, ["clean", atk], EPS, num_classes=10)
     summ = res.summary()
     times = summ["settings"]["stage_time"]
-    rows = [f"autoattack-fast/{s}" for s in
+    assert atk.name == "autoattack-fast-custom-5it-20q"  # not the version's budgets
+    rows = [f"{atk.name}/{s}" for s in
             ("apgd-ce", "apgd-t-malt", "apgd-t-rest", "fab-t", "square")]
     assert all(r in times and times[r]["seconds"] >= 0 for r in rows)
     clean = int(res.row("clean").sum())
-    assert times["autoattack-fast/apgd-ce"]["points"] == clean
+    assert times[f"{atk.name}/apgd-ce"]["points"] == clean
     assert summ["settings"]["attacks"][1]["version"] == "fast"
