@@ -80,8 +80,8 @@ def eval_cmd(run_dir: Path | None, attacks: str | None, overrides: tuple[str, ..
              n: int | None, batch_size: int | None, out: Path | None, resume: bool,
              checks: bool, quiet: bool, as_json: bool) -> int:
     """Evaluate per class under attack (clean, PGD, CW, AutoAttack, ...) and add the result
-    to the run's record: to eval/summary.json when the settings (checkpoint, images, ε, norm,
-    seed) are those of the run's evaluation, else beside it in eval/KEY/summary.json; or, with
+    to the run's record: to eval/summary.json when the settings (checkpoint and its weights,
+    images, ε, norm, seed) are those of the run's evaluation, else beside it in eval/KEY/summary.json; or, with
     --checks, check that the evaluation can be trusted.
 
     Cost, 1,000 MNIST-5k images with the SmallCNN on one CPU core: PGD-20 or CW-20 about 35 s

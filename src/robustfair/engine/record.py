@@ -168,15 +168,18 @@ def _update_index(eval_dir: Path, folder: Path, summary: dict[str, Any]) -> None
 
 
 def describe_evaluation(settings: dict[str, Any], where: str = "eval/summary.json") -> str:
-    """One line naming an evaluation: its file, ε, norm, images, seed and checkpoint."""
+    """One line naming an evaluation: its file, ε, norm, images, seed and checkpoint (and its
+    EMA or averaged weights)."""
     sub = settings.get("subset") or {}
     imgs = (f"{sub.get('n')} of {sub.get('of')} {sub.get('split', '')} images"
             + (" (class-stratified)" if sub.get("indices") else "")) if sub else \
         f"{settings.get('n')} images"
     eps = settings.get("eps")
     ck = settings.get("checkpoint")
+    w = settings.get("weights")
     return (f"{where}: eps {float(eps):.4g} ({settings.get('norm')}), {imgs}, seed "
             f"{settings.get('seed')}" + (f", checkpoint {Path(str(ck)).name}" if ck else "")
+            + (f" ({w} weights)" if w in ("ema", "averaged") else "")
             if eps is not None else where)
 
 

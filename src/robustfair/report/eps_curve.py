@@ -94,7 +94,7 @@ def is_current(curve: dict[str, Any], run_dir: Path, factors: Sequence[float], a
     """Whether a saved curve was made with these settings from the present checkpoint of the
     run's ``eval.checkpoint``."""
     return (curve.get("checkpoint") == _eval_checkpoint(run_dir)
-            and curve.get("checkpoint_sha256") == checkpoint_sha(run_dir, curve["checkpoint"])
+            and curve.get("checkpoint_sha256") == checkpoint_sha(run_dir, curve.get("checkpoint", "last"))
             and curve.get("attack") == attack and list(curve.get("factors", [])) == list(factors)
             and curve.get("requested_n", curve.get("n")) == n)
 
