@@ -311,3 +311,10 @@ def test_checks_run_with_the_seed_they_record(run, capsys, monkeypatch, tmp_path
     assert code == 0, err
     assert seen == [5]
     assert json.loads((tmp_path / "checks.json").read_text())["settings"]["seed"] == 5
+
+
+def test_leaderboard_passes_its_settings_to_runs(run, capsys, tmp_path):
+    code, _, err = cli(["leaderboard", str(run[0]), "--dataset", "digits", "-a", "fgsm",
+                        "--set", "eval.checkpoint=first", "--out", str(tmp_path / "lb"), "-q"],
+                       capsys)
+    assert code == 2 and "checkpoint" in err and not (tmp_path / "lb").exists()
