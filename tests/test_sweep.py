@@ -187,6 +187,22 @@ def test_a_summary_that_is_not_of_the_final_checkpoint_is_not_finished(tmp_path)
     assert [p.action for p in plan(spec, tmp_path / "out")] == ["resume", "resume", "skip"]
 
 
+def test_a_run_evaluated_on_its_best_checkpoint_is_finished(tmp_path):
+    """With eval.checkpoint=best the main evaluation is of best.pt: that run is complete."""
+    raw = _one()
+    raw["set"] = [*raw["set"], "eval.checkpoint=best"]
+    spec = load_spec(_spec(tmp_path, raw))
+    (p,) = plan(spec, tmp_path / "out")
+    _fake_run(p, evaluated=None)
+    best = p.run_dir / "checkpoints" / "best.pt"
+    best.write_bytes(b"an earlier epoch")
+    (p.run_dir / "eval").mkdir()
+    (p.run_dir / "eval" / "summary.json").write_text(json.dumps({
+        "n": 100, "num_classes": 10, "attacks": {"clean": {"avg": 0.5, "worst": 0.2}},
+        "settings": {"eps": 0.1, "norm": "linf", "sha256": sha256_file(best)}}))
+    assert [q.action for q in plan(spec, tmp_path / "out")] == ["skip"]
+
+
 def test_a_setting_added_since_is_no_change(tmp_path):
     """A run made before train.sync_bn existed is the same config, not one to retrain."""
     spec = load_spec(_spec(tmp_path, _one()))

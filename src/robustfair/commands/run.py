@@ -39,13 +39,13 @@ def _trained(run_dir: Path, cfg: Any) -> bool:
     return pos is not None and pos["epoch"] >= cfg.train.epochs and pos["step_in_epoch"] == 0
 
 
-def evaluates_last(run_dir: Path) -> bool:
-    """Whether ``eval/summary.json`` evaluates the run's last checkpoint (the sha256 it records
-    is that of ``checkpoints/last.pt``); False for a summary of an earlier checkpoint, e.g. one
-    that ``robustfair eval`` wrote while the run was unfinished."""
+def evaluates_final(run_dir: Path, checkpoint: str = "last") -> bool:
+    """Whether ``eval/summary.json`` evaluates the run's final ``checkpoint`` (``eval.checkpoint``:
+    the sha256 it records is that of ``checkpoints/CHECKPOINT.pt``); False for a summary of an
+    earlier checkpoint, e.g. one that ``robustfair eval`` wrote while the run was unfinished."""
     from ..engine.io import sha256_file
 
-    ckpt = run_dir / "checkpoints" / "last.pt"
+    ckpt = run_dir / "checkpoints" / f"{checkpoint}.pt"
     try:
         summary = json.loads((run_dir / "eval" / "summary.json").read_text(encoding="utf-8"))
         recorded = summary.get("settings", {}).get("sha256")
@@ -57,7 +57,8 @@ def evaluates_last(run_dir: Path) -> bool:
 def run_complete(run_dir: Path, cfg: Any, evaluate: bool = True) -> bool:
     """Whether the run is trained to ``cfg.train.epochs`` and (with ``evaluate``) its main
     evaluation is of the final checkpoint: then training it again would change nothing."""
-    return _trained(run_dir, cfg) and (not evaluate or evaluates_last(run_dir))
+    return _trained(run_dir, cfg) and (not evaluate or
+                                       evaluates_final(run_dir, cfg.eval.checkpoint))
 
 
 def train_run(cfg: Any, run_dir: Path | None = None, resume: bool = False, force: bool = False,
