@@ -11,7 +11,9 @@ from robustfair.config import DataConfig
 from robustfair.data import load_data
 from robustfair.models import build_model
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+#: under pytest-xdist (``-n N``) the cores are shared by N workers
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,12 @@ from ._helpers import (
     target_copies,
 )
 from .apgd import APGDBase, APGDParams, LossFn, _rows, apgd, dlr_loss_targeted
-from .malt import Targeting
+from .malt import TargetedParams
 
 
-class APGDTParams(APGDParams):
-    n_target_classes: int | None = Field(
-        None, ge=1, description="target classes tried in turn; None: min(9, C − 1)")
-    targeting: Targeting = Field(
-        "confidence", description="how targets are ranked: 'confidence' (the clean logits, as "
-                                  "in AutoAttack) or 'malt' (linearised boundary distance)")
+class APGDTParams(APGDParams, TargetedParams):
     skip_targets: int = Field(0, ge=0, description="the first ranked targets are left out "
                                                    "(already attacked by an earlier stage)")
-    max_batch: int = Field(500, ge=1, description="targets of a point are attacked side by "
-                                                   "side while points × targets ≤ max_batch")
 
 
 @ATTACKS.register("apgd-t")

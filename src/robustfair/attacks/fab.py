@@ -41,7 +41,7 @@ from ._helpers import (
     view_n,
 )
 from .base import Attack, AttackParams, per_sample
-from .malt import Targeting
+from .malt import TargetedParams
 
 
 def box_hyperplane_projection(w: Tensor, c: Tensor, d: Tensor, lb: Tensor, ub: Tensor,
@@ -336,14 +336,8 @@ class FAB(FABBase):
     class each step (Croce & Hein, ICML 2020, arXiv:1907.02044)."""
 
 
-class FABTParams(FABParams):
-    n_target_classes: int | None = Field(
-        None, ge=1, description="target classes tried in turn; None: min(9, C − 1)")
-    targeting: Targeting = Field(
-        "confidence", description="how targets are ranked: 'confidence' (the clean logits, as "
-                                  "in AutoAttack) or 'malt' (linearised boundary distance)")
-    max_batch: int = Field(500, ge=1, description="targets of a point are attacked side by "
-                                                   "side while points × targets ≤ max_batch")
+class FABTParams(FABParams, TargetedParams):
+    pass
 
 
 @ATTACKS.register("fab-t")

@@ -20,12 +20,25 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from .base import per_sample
+from .base import AttackParams, per_sample
 
 #: how targets are chosen: by clean logit (AutoAttack) or by MALT's distance estimate
 Targeting = Literal["confidence", "malt"]
+
+
+class TargetedParams(AttackParams):
+    """The settings every targeted attack (APGD-T, FAB-T) shares."""
+
+    n_target_classes: int | None = Field(
+        None, ge=1, description="target classes tried in turn; None: min(9, C − 1)")
+    targeting: Targeting = Field(
+        "confidence", description="how targets are ranked: 'confidence' (the clean logits, as "
+                                  "in AutoAttack) or 'malt' (linearised boundary distance)")
+    max_batch: int = Field(500, ge=1, description="targets of a point are attacked side by "
+                                                   "side while points × targets ≤ max_batch")
 
 
 def dual_norm(g: Tensor, eps: Tensor, norm: str) -> Tensor:
