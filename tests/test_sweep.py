@@ -142,8 +142,10 @@ def test_sweep_killed_and_resumed_writes_compare(tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_sweep_on_ray(tmp_path):
+def test_sweep_on_ray(tmp_path, monkeypatch):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'robustfair[ray]')")
+    # Ray starts its workers at nice 15: beside a busy test process they would barely run
+    monkeypatch.setenv("RAY_worker_niceness", "0")
     spec = load_spec(_spec(tmp_path, TINY, "ray"))
     res = run_sweep(spec, tmp_path / "out", engine="ray")
     assert not res.failed, [p.error for p in res.failed]
