@@ -146,10 +146,9 @@ def evaluate(
     order = torch.arange(n)
     if distributed.active():  # each process attacks its share; the matrix is summed after
         order = order[distributed.rank() :: distributed.world_size()]
-    from .staged import batch_seed, derives_seed, describe_seeded
+    from .staged import attack_seeded, batch_seed, derives_seed, describe_seeded
 
     derive = [derives_seed(a) for a in built]
-    own = [getattr(a, "seed", None) for a in built]
     gen_state = torch.get_rng_state()
     torch.manual_seed(seed + distributed.rank())
     try:
@@ -158,9 +157,10 @@ def evaluate(
             x = data.images(idx).to(device)
             y = data.y[idx.to(data.y.device)].to(device)
             for i, atk in enumerate(built):
-                if derive[i]:  # a private generator (APGD, FAB, Square): seeded per batch
-                    atk.seed = batch_seed(seed, atk.name, int(order[start]))
-                x_adv = atk(model, x, y, eps) if atk.name != "clean" else x
+                # a private generator (APGD, FAB, Square): seeded per batch
+                with attack_seeded(atk, batch_seed(seed, atk.name, int(order[start])),
+                                   derive[i]):
+                    x_adv = atk(model, x, y, eps) if atk.name != "clean" else x
                 with eval_mode(model), torch.no_grad():
                     p = model(x_adv).argmax(1)
                 pred[i, idx] = p.cpu()
@@ -169,9 +169,6 @@ def evaluate(
                 progress(len(idx))
     finally:
         torch.set_rng_state(gen_state)
-        for atk, d, o in zip(built, derive, own, strict=True):
-            if d:
-                atk.seed = o
     if distributed.active():
         both = torch.cat([correct.long(), pred]).to(device)
         distributed.all_reduce_sum(both)

@@ -18,11 +18,12 @@ run seed gives other random draws.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,21 @@ def derives_seed(attack: Attack | None, ensemble: Attack | None = None) -> bool:
     return "seed" not in owner.params.model_fields_set
 
 
+@contextlib.contextmanager
+def attack_seeded(attack: Attack, seed: int, derive: bool) -> Iterator[None]:
+    """With ``derive``: ``attack``'s private generator seeded with ``seed`` for the block (its
+    own ``seed`` restored after)."""
+    if not derive:
+        yield
+        return
+    own = attack.seed
+    attack.seed = seed
+    try:
+        yield
+    finally:
+        attack.seed = own
+
+
 def describe_seeded(attack: Attack, seed: int) -> dict[str, Any]:
     """``attack.describe()`` with the seed its random draws actually use."""
     d = attack.describe()
@@ -281,15 +297,11 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
         rng = torch.get_rng_state()
         b_seed = batch_seed(seed, stage.row, b)
         torch.manual_seed(b_seed)
-        own = stage.attack.seed if derive else None
-        if derive:
-            stage.attack.seed = b_seed  # the attack's private generator
         try:
-            x_adv = stage.attack(model, x, y, eps)
+            with attack_seeded(stage.attack, b_seed, derive):
+                x_adv = stage.attack(model, x, y, eps)
         finally:
             torch.set_rng_state(rng)
-            if derive:
-                stage.attack.seed = own
         with eval_mode(model), torch.no_grad():
             p = model(x_adv).argmax(1).cpu()
         pred[idx], correct[idx] = p, p == labels[idx]
