@@ -34,6 +34,8 @@ STATE = "sweep.json"
 _IGNORED = ("output_dir", "logging", "device")
 #: the files ``compare/`` gets from :func:`_compare` (removed before each new comparison)
 _OUTPUTS = ("compare.*", "avg_vs_worst.png", "paired.*")
+#: what reading a run's stored config.yaml raises when it is unreadable or no longer valid
+_UNREADABLE = (OSError, UnicodeDecodeError, yaml.YAMLError, UserError, TypeError)
 
 
 @dataclass
@@ -91,7 +93,7 @@ def trial_action(run_dir: Path, config: str | RunConfig) -> str:
     cfg = _as_config(config)
     try:
         same = _settings(stored_config(run_dir)) == _settings(cfg.model_dump(mode="json"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, UserError, TypeError):
+    except _UNREADABLE:
         same = False  # unreadable, or no longer a valid config
     if not same:
         return "retrain"
@@ -104,7 +106,7 @@ def _stored_place(cfg: RunConfig, run_dir: Path) -> RunConfig:
     folder now (relative or absolute, or the folder moved)."""
     try:
         stored = stored_config(run_dir)["output_dir"]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, UserError, TypeError, KeyError):
+    except (*_UNREADABLE, KeyError):
         return cfg
     return cfg.model_copy(update={"output_dir": stored})
 
