@@ -168,6 +168,10 @@ class EvalConfig(Strict):
     n: int | None = Field(None, ge=1, description="test images used (None: all)")
     split: Literal["test", "val"] = "test"
     checkpoint: Literal["last", "best"] = "last"
+    layout: Literal["auto", "channels_last", "unchanged"] = Field(
+        "auto", description="memory order of a convolutional model's weights while it is "
+                            "attacked: auto = channels-last on the CPU (faster there, same "
+                            "logits), unchanged elsewhere")
 
     _eps = field_validator("eps", "step_size", mode="before")(
         lambda cls, v: None if v is None else parse_eps(v)

@@ -71,6 +71,9 @@ class AutoAttackParams(AttackParams):
     near: float = Field(1.0, ge=0.0, description="fast version: the remaining components attack "
                                                   "the points whose linearised nearest boundary "
                                                   "is within near·ε (or whose gradient vanishes)")
+    layout: Literal["auto", "channels_last", "unchanged"] = Field(
+        "auto", description="memory order of a convolutional model's weights during the run "
+                            "(auto: channels-last on the CPU; the logits are the same)")
 
 
 @dataclass
@@ -82,6 +85,7 @@ class AutoAttackOutcome:
     robust: dict[str, Tensor]
     clean: Tensor
     stage_time: dict[str, dict[str, float]] = field(default_factory=dict)
+    layout: str = "unchanged"
 
 
 @ATTACKS.register("autoattack")
@@ -150,9 +154,17 @@ class AutoAttack(Attack):
     def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor,
             progress: Callable[[str, Tensor], None] | None = None) -> AutoAttackOutcome:
         """Run every stage on the points still robust; report robustness after each stage."""
-        from .base import as_eps, eval_mode
+        from .base import as_eps, inference_layout
 
-        e = as_eps(eps, x)
+        with inference_layout(model, x, self.layout) as layout:
+            out = self._run(model, x, y, as_eps(eps, x), progress)
+        out.layout = layout
+        return out
+
+    def _run(self, model: nn.Module, x: Tensor, y: Tensor, e: Tensor,
+             progress: Callable[[str, Tensor], None] | None) -> AutoAttackOutcome:
+        from .base import eval_mode
+
         with eval_mode(model):
             clean = clean_correct(model, x, y)
         robust = clean.clone()

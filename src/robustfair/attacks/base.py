@@ -130,6 +130,63 @@ def eval_mode(model: nn.Module, train: bool = False) -> Iterator[None]:
             m.training = t
 
 
+LAYOUTS = ("auto", "channels_last", "unchanged")
+
+
+@contextlib.contextmanager
+def inference_layout(model: nn.Module, x: Tensor, layout: str = "auto") -> Iterator[str]:
+    """Hold a convolutional model's 4-D weights in channels-last memory order for the block, and
+    yield the layout used (``"channels_last"`` or ``"unchanged"``).
+
+    Attacks pass the model hundreds of times over small batches; on the CPU, oneDNN's
+    convolution and max-pooling kernels run such batches faster on channels-last weights
+    (measured in ``benchmarks/README.md``). ``"auto"`` does so on the CPU for models with 2-D
+    convolutions and 4-D inputs (on CUDA it was not measured and leaves the model as it is);
+    ``"channels_last"`` does so on any device; ``"unchanged"`` never does. The values are not
+    touched, only their order in memory, and the model's logits on the first images of ``x``
+    must agree before and after (else, or if the model fails on channels-last tensors, it is
+    left unchanged). Afterwards every tensor gets back its original storage."""
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    wanted = layout == "channels_last" or (layout == "auto" and x.device.type == "cpu")
+    tensors = [t for t in (*model.parameters(), *model.buffers())
+               if t.dim() == 4 and t.is_contiguous()
+               and not t.is_contiguous(memory_format=torch.channels_last)]
+    if not (wanted and convs and x.dim() == 4 and tensors):
+        held = any(t.dim() == 4 and not t.is_contiguous()
+                   and t.is_contiguous(memory_format=torch.channels_last)
+                   for t in model.parameters())
+        yield "channels_last" if convs and held else "unchanged"
+        return
+    probe = x[:4].detach()
+    kept = [(t, t.data) for t in tensors]
+    try:
+        with eval_mode(model), torch.no_grad():
+            before = model(probe)
+            for t, data in kept:
+                t.data = data.contiguous(memory_format=torch.channels_last)
+            after = model(probe)
+        scale = float(before.abs().max()) if before.numel() else 1.0
+        same = after.shape == before.shape and bool(
+            torch.allclose(after, before, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
+    except Exception:  # a model that cannot take channels-last tensors: leave it as it is
+        same = False
+    except BaseException:  # interrupted: restore, then stop
+        for t, data in kept:
+            t.data = data
+        raise
+    if not same:
+        for t, data in kept:
+            t.data = data
+        kept = []
+    try:
+        yield "channels_last" if same else "unchanged"
+    finally:
+        for t, data in kept:
+            t.data = data
+
+
 def input_grad(loss: Tensor, x: Tensor) -> Tensor:
     """∂loss/∂x without touching any parameter's ``.grad``."""
     (g,) = torch.autograd.grad(loss, [x])

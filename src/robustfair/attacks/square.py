@@ -96,6 +96,9 @@ class _Search:
     """Random-search state. The points still correctly classified are kept compacted (``idx``,
     ``x``, ``y``, ``eps``, ``best``, ``loss``) so that no query is spent on a fooled point."""
 
+    #: pass a proposal through the model only where it differs from the current best point
+    skip_repeats = True
+
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, x_init: Tensor,
                  loss: str) -> None:
         self.model, self.loss_name, self.n = model, loss, len(x)
@@ -107,19 +110,37 @@ class _Search:
         m, self.loss = self._evaluate(x_init)
         self._drop(m <= 0)
 
-    def _evaluate(self, x_new: Tensor) -> tuple[Tensor, Tensor]:
+    def _evaluate(self, x_new: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Margin and loss of ``x_new`` (the rows ``rows`` of the search, if given)."""
         logits = self.model(x_new)
-        m = margin(logits, self.y)
+        y = self.y if rows is None else self.y[rows]
+        m = margin(logits, y)
         if self.loss_name == "ce":
-            return m, -F.cross_entropy(logits, self.y, reduction="none")
+            return m, -F.cross_entropy(logits, y, reduction="none")
         return m, m
 
     def __len__(self) -> int:
         return len(self.idx)
 
     def step(self, x_new: Tensor) -> None:
-        """Query the proposals; keep those that lower the loss or fool the model."""
-        m, loss = self._evaluate(x_new)
+        """Query the proposals; keep those that lower the loss or fool the model.
+
+        A proposal equal to the current best point (ℓ∞: the window already holds the drawn
+        signs, or they are clipped away at the image box) is not passed through the model: its
+        margin and loss are those of the best point, which is correctly classified, so it would
+        neither fool the model nor be kept. Such rows still use up their query; the search is
+        the same, without the forward pass (about a quarter of all rows on MNIST)."""
+        same = (x_new == self.best).flatten(1).all(1) if self.skip_repeats else \
+            torch.zeros(len(x_new), dtype=torch.bool, device=x_new.device)
+        if bool(same.all()):
+            return
+        if bool(same.any()):
+            fresh = (~same).nonzero().flatten()
+            m_f, loss_f = self._evaluate(x_new[fresh], fresh)
+            m = torch.ones_like(self.loss).index_put((fresh,), m_f)
+            loss = self.loss.index_put((fresh,), loss_f)
+        else:
+            m, loss = self._evaluate(x_new)
         hit = m <= 0
         take = (loss < self.loss) | hit
         self.loss = torch.minimum(loss, self.loss)

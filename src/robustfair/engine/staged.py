@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..attacks import Attack, build_attack
 from ..attacks.autoattack import AutoAttack
-from ..attacks.base import as_eps, eval_mode
+from ..attacks.base import as_eps, eval_mode, inference_layout
 from ..errors import UserError
 from . import distributed
 from .evaluator import EvalResult
@@ -201,7 +201,7 @@ def evaluate_staged(
     num_classes: int | None = None, batch_size: int = 500, step_size: float | None = None,
     device: torch.device | str | None = None, seed: int = 0, state_path: Path | None = None,
     resume: bool = False, fingerprint: dict[str, Any] | None = None, save_every: float = 30.0,
-    quiet: bool = True, bounded: bool = True,
+    quiet: bool = True, bounded: bool = True, layout: str = "auto",
 ) -> EvalResult:
     """Evaluate ``model`` on ``data`` (an :class:`ArrayData`) attack by attack; see the module
     docstring. Returns the :class:`EvalResult` (rows of AutoAttack stages included)."""
@@ -218,23 +218,27 @@ def evaluate_staged(
     labels = data.y.cpu().long()
     timing: dict[str, float] = {}
     attacked: dict[str, int] = {}
-    try:
-        for stage in stages:
-            if state.done(stage.row):
-                continue
-            t0 = time.perf_counter()
-            correct, pred, attacked[stage.row] = _run_stage(
-                model, data, stage, state, labels, eps, batch_size, device, seed, save_every,
-                quiet)
-            timing[stage.row] = round(time.perf_counter() - t0, 3)
-            state.finish(stage.row, correct, pred)
-            if stage.row != "clean":
-                log.info("%-24s %5.1f%%  (%.1f s, %d points attacked)", stage.row,
-                         100 * float(correct.float().mean()), timing[stage.row],
-                         attacked[stage.row])
-    except BaseException:  # interrupted: keep what is done for --resume
-        state.save()
-        raise
+    probe = data.images(torch.arange(min(4, n))).to(device) if n else None
+    with contextlib.ExitStack() as stack:
+        used = stack.enter_context(inference_layout(model, probe, layout)) \
+            if probe is not None else "unchanged"
+        try:
+            for stage in stages:
+                if state.done(stage.row):
+                    continue
+                t0 = time.perf_counter()
+                correct, pred, attacked[stage.row] = _run_stage(
+                    model, data, stage, state, labels, eps, batch_size, device, seed, save_every,
+                    quiet)
+                timing[stage.row] = round(time.perf_counter() - t0, 3)
+                state.finish(stage.row, correct, pred)
+                if stage.row != "clean":
+                    log.info("%-24s %5.1f%%  (%.1f s, %d points attacked)", stage.row,
+                             100 * float(correct.float().mean()), timing[stage.row],
+                             attacked[stage.row])
+        except BaseException:  # interrupted: keep what is done for --resume
+            state.save()
+            raise
     names = [s.row for s in stages]
     correct = torch.stack([state.rows[r][0] for r in names])
     pred = torch.stack([state.rows[r][1] for r in names])
@@ -243,6 +247,7 @@ def evaluate_staged(
         "attacks": [describe_seeded(a, seed) for a in built],
         "stages": {a.name: [s for s, _ in a.stages()] for a in built if isinstance(a, AutoAttack)},
         "timing_s": timing,
+        "layout": used,
         "stage_time": {r: {"seconds": t, "points": attacked.get(r, 0)} for r, t in timing.items()
                        if r != "clean"},
         "protocol": "a point misclassified without attack counts as broken under every attack; "
