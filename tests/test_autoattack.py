@@ -308,14 +308,48 @@ def test_malt_ranking_is_the_exact_boundary_ranking_on_a_linear_model(norm):
 
 def test_fast_version_misses_at_most_one_point_of_standard(standard_vs_fast):
     std, fast = standard_vs_fast
-    r_std, r_fast = std.robust["square"], fast.robust["square"]
+    r_std, r_fast = std.robust["square"], fast.robust["square-near"]
     assert 0 < int(r_std.sum()) < int(std.clean.sum())  # the attacks have work to do
     assert int((r_fast & ~r_std).sum()) <= 1
     # it skipped work: the gated stages attacked fewer points than were still robust
-    gated = ["apgd-t-rest", "fab-t", "square"]
+    gated = ["apgd-t-rest", "fab-t", "square-blind", "square-near"]
     before = fast.robust["apgd-t-malt"]
     assert sum(fast.stage_time[s]["points"] for s in gated) < 3 * int(before.sum())
     assert fast.stage_time["apgd-ce"]["points"] == int(fast.clean.sum())
+
+
+class _Quantised(torch.nn.Module):
+    """The MLP on inputs rounded to eighths: its input gradient is zero everywhere, so only the
+    black-box Square can find adversarial points (gradient masking)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.round(x * 8) / 8)
+
+
+def test_fast_version_gives_square_its_full_budget_where_gradients_vanish(mlp, test_set):
+    """On a model with masked gradients every point is blind: the fast version's Square runs
+    with the full budget there (not ``fast_queries``) and breaks what standard AutoAttack's
+    Square breaks; with the short budget it would break fewer."""
+    x, y = test_set[0][:60], test_set[1][:60]
+    masked = _Quantised(mlp).eval()
+    std = AutoAttack(steps=5, n_queries=400).run(masked, x, y, EPS)
+    fast = build_attack("autoattack-fast", steps=5, n_queries=400, fast_queries=40).run(
+        masked, x, y, EPS)
+    short = build_attack("square", n_queries=40, seed=0)
+    clean = std.clean
+    r_std = std.robust["square"]
+    assert int(r_std.sum()) < int(std.robust["fab-t"].sum())  # Square breaks points
+    # every point still robust is blind: all of them go to Square with the full budget
+    assert fast.stage_time["square-blind"]["points"] == int(fast.robust["fab-t"].sum()) > 0
+    assert fast.stage_time["square-near"]["points"] == 0
+    assert int((fast.robust["square-near"] & ~r_std).sum()) <= 1
+    with torch.no_grad():
+        r_short = masked(short(masked, x[clean], y[clean], EPS)).argmax(1) == y[clean]
+    assert int(r_short.sum()) > int(r_std.sum())  # the short budget would have missed points
 
 
 def test_stage_times_in_outcome_and_summary(mlp, digits, standard_vs_fast):
@@ -332,7 +366,8 @@ def test_stage_times_in_outcome_and_summary(mlp, digits, standard_vs_fast):
     times = summ["settings"]["stage_time"]
     assert atk.name == "autoattack-fast-custom-5it-20q"  # not the version's budgets
     rows = [f"{atk.name}/{s}" for s in
-            ("apgd-ce", "apgd-t-malt", "apgd-t-rest", "fab-t", "square")]
+            ("apgd-ce", "apgd-t-malt", "apgd-t-rest", "fab-t", "square-blind",
+             "square-near")]
     assert all(r in times and times[r]["seconds"] >= 0 for r in rows)
     clean = int(res.row("clean").sum())
     assert times[f"{atk.name}/apgd-ce"]["points"] == clean

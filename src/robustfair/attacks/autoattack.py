@@ -14,10 +14,12 @@ Versions (as in the reference protocol):
 The number of target classes is min(9, C − 1).
 
 ``autoattack-fast`` is *not* standard AutoAttack: APGD-CE, then APGD-T on the 3 targets that MALT
-(Melamed, Yehudai & Shamir 2024, arXiv:2407.02240) ranks nearest, then the remaining components
-(APGD-T on the other targets, FAB-T, Square) only on the robust points that can still change the
-result: those whose nearest class boundary, linearised at the natural image, lies within
-``near``·ε, and those whose logit gradients vanish (where only the black-box Square can see).
+(Melamed, Yehudai & Shamir 2024, arXiv:2407.02240) ranks nearest; then, only on the robust points
+that can still change the result, the remaining components: APGD-T on the other targets and FAB-T
+on MALT's 3 targets for the points whose nearest class boundary, linearised at the natural image,
+lies within ``near``·ε or whose logit gradients vanish; Square with its full budget on the points
+whose gradients vanish (gradient attacks are blind there, only the black-box Square can see), and
+with ``fast_queries`` (1,000) on the other near points.
 It reports which version ran in its name and settings.
 """
 
@@ -47,8 +49,9 @@ VERSIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
              ("apgd-t-malt", {"attack": "apgd-t", "targeting": "malt", "malt_first": True}),
              ("apgd-t-rest", {"attack": "apgd-t", "targeting": "malt", "malt_rest": True,
                               "gate": True}),
-             ("fab-t", {"targeting": "malt", "gate": True}),
-             ("square", {"gate": True})],
+             ("fab-t", {"targeting": "malt", "gate": True, "malt_first": True}),
+             ("square-blind", {"attack": "square", "gate": "blind"}),
+             ("square-near", {"attack": "square", "gate": "near", "fast_queries": True})],
 }
 
 
@@ -71,6 +74,9 @@ class AutoAttackParams(AttackParams):
     near: float = Field(1.0, ge=0.0, description="fast version: the remaining components attack "
                                                   "the points whose linearised nearest boundary "
                                                   "is within near·ε (or whose gradient vanishes)")
+    fast_queries: int = Field(1000, ge=1, description="fast version: Square's query budget on "
+                                                       "the points near a boundary (at most "
+                                                       "n_queries; blind points get n_queries)")
     layout: Literal["auto", "channels_last", "unchanged"] = Field(
         "auto", description="memory order of a convolutional model's weights during the run "
                             "(auto: channels-last on the CPU; the logits are the same)")
@@ -119,6 +125,8 @@ class AutoAttack(Attack):
             parts.append(f"{self.n_queries}q")
         if self.n_target_classes is not None:
             parts.append(f"{self.n_target_classes}t")
+        if self.version == "fast" and self.fast_queries != fields["fast_queries"].default:
+            parts.append(f"{self.fast_queries}fq")
         return f"{base}-custom-{'-'.join(parts)}" if parts else base
 
     def component_names(self) -> list[str]:
@@ -147,9 +155,15 @@ class AutoAttack(Attack):
              eps: Tensor) -> Tensor | None:
         """The points (of ``x``, all still robust) that ``stage`` attacks; None: all of them.
         Only the fast version's remaining components are gated (see the module docstring)."""
-        if self.attacks or not dict(VERSIONS[self.version]).get(stage, {}).get("gate"):
+        kind = None if self.attacks else dict(VERSIONS[self.version]).get(stage, {}).get("gate")
+        if not kind:
             return None
-        return near_boundary(model, x, y, eps, self.norm, self.near)
+        near, blind = boundary_gates(model, x, y, eps, self.norm, self.near)
+        if kind == "blind":
+            return blind
+        if kind == "near":
+            return near & ~blind
+        return near | blind
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor,
             progress: Callable[[str, Tensor], None] | None = None) -> AutoAttackOutcome:
@@ -195,15 +209,16 @@ class AutoAttack(Attack):
         return self.run(model, x, y, eps).x_adv
 
 
-def near_boundary(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, norm: str,
-                  near: float) -> Tensor:
-    """Points whose nearest class boundary, linearised at ``x`` (MALT's d_t), is within
-    ``near``·ε, or whose logit-difference gradient vanishes for some class (N,) bool."""
+def boundary_gates(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, norm: str,
+                   near: float) -> tuple[Tensor, Tensor]:
+    """(near, blind), both (N,) bool: the points whose nearest class boundary, linearised at
+    ``x`` (MALT's d_t), is within ``near``·ε, and those whose logit-difference gradient
+    vanishes for some class (where gradient attacks are blind and only Square can see)."""
     gap, dual = malt_parts(model, x, y, eps, norm)
     others = torch.ones_like(gap, dtype=torch.bool).scatter(1, y[:, None], False)
     d = torch.where(others, gap / dual.clamp_min(1e-12), torch.full_like(gap, float("inf")))
     blind = (others & (dual <= 1e-12)).any(1)
-    return (d.amin(1) <= near) | blind
+    return d.amin(1) <= near, blind
 
 
 def _component_params(name: str, aa: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -221,7 +236,8 @@ def _component_params(name: str, aa: dict[str, Any], extra: dict[str, Any]) -> d
     if extra.get("malt_rest"):
         kw["skip_targets"] = aa["malt_targets"]
     if name == "square":
-        kw["n_queries"] = aa["n_queries"]
+        kw["n_queries"] = min(aa["fast_queries"], aa["n_queries"]) if extra.get("fast_queries") \
+            else aa["n_queries"]
     if "restarts" in extra:
         kw["restarts"] = extra["restarts"]
     if extra.get("eot"):
@@ -250,9 +266,10 @@ class AutoAttackRand(AutoAttack):
 @ATTACKS.register("autoattack-fast")
 class AutoAttackFast(AutoAttack):
     """Not standard AutoAttack: APGD-CE, APGD-T on the 3 targets MALT ranks nearest (Melamed et
-    al., arXiv:2407.02240), then APGD-T on the other targets, FAB-T and Square only on the robust
-    points near a class boundary (or with vanishing gradients). Much faster; its robust accuracy
-    is an upper bound that standard AutoAttack may lower.
+    al., arXiv:2407.02240), then APGD-T on the other targets, FAB-T (MALT's 3 targets) and Square
+    (1,000 queries; 5,000 where the gradients vanish) only on the robust points near a class
+    boundary or with vanishing gradients. Much faster; its robust accuracy is an upper bound
+    that standard AutoAttack may lower.
 
     Example::
 
@@ -264,4 +281,4 @@ class AutoAttackFast(AutoAttack):
 
 
 __all__ = ["VERSIONS", "AutoAttack", "AutoAttackFast", "AutoAttackOutcome", "AutoAttackPlus",
-           "AutoAttackRand", "near_boundary"]
+           "AutoAttackRand", "boundary_gates"]
