@@ -4,6 +4,8 @@ pieces (DLR loss, checkpoint schedule, the box-constrained projection of FAB, Sq
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -352,7 +354,7 @@ def test_fast_version_gives_square_its_full_budget_where_gradients_vanish(mlp, t
     assert int(r_short.sum()) > int(r_std.sum())  # the short budget would have missed points
 
 
-def test_stage_times_in_outcome_and_summary(mlp, digits, standard_vs_fast):
+def test_stage_times_in_outcome_and_summary(mlp, digits, standard_vs_fast, caplog):
     std, _ = standard_vs_fast
     assert list(std.stage_time) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert all(v["seconds"] >= 0 for v in std.stage_time.values())
@@ -361,7 +363,8 @@ def test_stage_times_in_outcome_and_summary(mlp, digits, standard_vs_fast):
 
     split = digits.test.subset(torch.arange(40))
     atk = build_attack("autoattack-fast", steps=5, n_queries=20)
-    res = evaluate_staged(mlp, split, ["clean", atk], EPS, num_classes=10)
+    with caplog.at_level(logging.INFO, logger="robustfair"):
+        res = evaluate_staged(mlp, split, ["clean", atk], EPS, num_classes=10)
     summ = res.summary()
     times = summ["settings"]["stage_time"]
     assert atk.name == "autoattack-fast-custom-5it-20q"  # not the version's budgets
@@ -372,3 +375,18 @@ def test_stage_times_in_outcome_and_summary(mlp, digits, standard_vs_fast):
     clean = int(res.row("clean").sum())
     assert times[f"{atk.name}/apgd-ce"]["points"] == clean
     assert summ["settings"]["attacks"][1]["version"] == "fast"
+    # the ensemble's own row costs nothing: its line gives the total over its stages
+    total = sum(times[r]["seconds"] for r in rows)
+    line = next(r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(atk.name + " "))
+    assert line.endswith(f"({total:.1f} s over its stages)")
+    # the report states both of the fast version's Square budgets
+    from robustfair.commands.evaluate import render
+
+    text = render(summ, "t")
+    assert "Square 20 queries where the logit gradients vanish, 20 on the other points " \
+           "within 1·ε of a linearised boundary" in text
+    std_text = render({**summ, "settings": {**summ["settings"], "attacks": [
+        {**summ["settings"]["attacks"][1], "version": "standard", "attack": "autoattack"}]}},
+        "t")
+    assert "Square 20 queries, seed" in std_text

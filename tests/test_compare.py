@@ -162,3 +162,14 @@ def test_same_name_different_settings_get_distinct_labels(tmp_path: Path) -> Non
     labels = [r.label for r in comp.rows]
     assert labels == ["run [method.policy.name=none]", "run [method.policy.name=dafa]"]
     assert write_outputs(comp, tmp_path / "o")["csv"].exists()
+
+
+def test_attack_settings_text_names_the_fast_versions_budgets() -> None:
+    from robustfair.attacks import build_attack
+    from robustfair.report.compare import _attack_text
+
+    fast = _attack_text(build_attack("autoattack-fast").describe())
+    assert fast == ("autoattack-fast (steps 100, n_queries 5000, version fast, fast_queries 1000, "
+                    "near 1.0)")
+    std = _attack_text(build_attack("autoattack").describe())
+    assert std == "autoattack (steps 100, n_queries 5000, version standard)"

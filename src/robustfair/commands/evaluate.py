@@ -373,9 +373,13 @@ def _for_display(summary: dict[str, Any]) -> dict[str, Any]:
         if "steps" in a and "step_size" not in a:
             if "version" in a:
                 comps = ", ".join(stages.get(a["attack"], []))
+                queries = f"Square {a['n_queries']} queries"
+                if a["version"] == "fast" and not a.get("attacks") and "fast_queries" in a:
+                    queries += (f" where the logit gradients vanish, "
+                                f"{min(a['fast_queries'], a['n_queries'])} on the other points "
+                                f"within {a.get('near', 1.0):g}·ε of a linearised boundary")
                 text = (f"{a['attack']} ({a['version'] if not a.get('attacks') else 'custom'}: "
-                        f"{comps}; {a['steps']} iterations, Square {a['n_queries']} "
-                        f"queries, seed {a['seed']})")
+                        f"{comps}; {a['steps']} iterations, {queries}, seed {a['seed']})")
             else:
                 text = f"{a['attack']} ({a['steps']} iterations, restarts {a.get('restarts', 1)})"
             a = {"attack": text}

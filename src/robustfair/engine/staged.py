@@ -232,10 +232,13 @@ def evaluate_staged(
                     quiet)
                 timing[stage.row] = round(time.perf_counter() - t0, 3)
                 state.finish(stage.row, correct, pred)
-                if stage.row != "clean":
-                    log.info("%-24s %5.1f%%  (%.1f s, %d points attacked)", stage.row,
-                             100 * float(correct.float().mean()), timing[stage.row],
-                             attacked[stage.row])
+                acc = 100 * float(correct.float().mean())
+                if stage.attack is not None:
+                    log.info("%-24s %5.1f%%  (%.1f s, %d points attacked)", stage.row, acc,
+                             timing[stage.row], attacked[stage.row])
+                elif stage.row != "clean":  # an ensemble's row: the worst case over its stages
+                    spent = sum(t for r, t in timing.items() if r.startswith(stage.row + "/"))
+                    log.info("%-24s %5.1f%%  (%.1f s over its stages)", stage.row, acc, spent)
         except BaseException:  # interrupted: keep what is done for --resume
             state.save()
             raise

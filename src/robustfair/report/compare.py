@@ -194,7 +194,8 @@ def _shown(key: str, values: list[Any]) -> str:
 
 
 def _attack_text(a: dict[str, Any]) -> str:
-    keys = [k for k in ("steps", "step_size", "restarts", "n_queries", "version")
+    fast = ("fast_queries", "near") if a.get("version") == "fast" else ()
+    keys = [k for k in ("steps", "step_size", "restarts", "n_queries", "version", *fast)
             if a.get(k) is not None]
     inner = ", ".join(f"{k} {round(a[k], 5) if isinstance(a[k], float) else a[k]}" for k in keys)
     return f"{a.get('attack')}" + (f" ({inner})" if inner else "")
