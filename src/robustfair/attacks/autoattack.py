@@ -221,6 +221,12 @@ def boundary_gates(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, norm: st
     return d.amin(1) <= near, blind
 
 
+def near_queries(aa: dict[str, Any]) -> int:
+    """The fast version's Square budget on near points (``fast_queries``, at most the full
+    ``n_queries``), from AutoAttack's parameters or their record in a summary."""
+    return min(aa["fast_queries"], aa["n_queries"])
+
+
 def _component_params(name: str, aa: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Parameters of one component from AutoAttack's own (steps, queries, targets, seed, EOT)."""
     kw: dict[str, Any] = {"seed": aa["seed"]}
@@ -236,8 +242,7 @@ def _component_params(name: str, aa: dict[str, Any], extra: dict[str, Any]) -> d
     if extra.get("malt_rest"):
         kw["skip_targets"] = aa["malt_targets"]
     if name == "square":
-        kw["n_queries"] = min(aa["fast_queries"], aa["n_queries"]) if extra.get("fast_queries") \
-            else aa["n_queries"]
+        kw["n_queries"] = near_queries(aa) if extra.get("fast_queries") else aa["n_queries"]
     if "restarts" in extra:
         kw["restarts"] = extra["restarts"]
     if extra.get("eot"):
@@ -281,4 +286,4 @@ class AutoAttackFast(AutoAttack):
 
 
 __all__ = ["VERSIONS", "AutoAttack", "AutoAttackFast", "AutoAttackOutcome", "AutoAttackPlus",
-           "AutoAttackRand", "boundary_gates"]
+           "AutoAttackRand", "boundary_gates", "near_queries"]

@@ -13,6 +13,7 @@ import click
 import torch
 from torch import nn
 
+from ..attacks.autoattack import near_queries
 from ..config import RunConfig, apply_override, build_config
 from ..engine.protocol import STATE_FILE
 from ..errors import UserError
@@ -376,7 +377,7 @@ def _for_display(summary: dict[str, Any]) -> dict[str, Any]:
                 queries = f"Square {a['n_queries']} queries"
                 if a["version"] == "fast" and not a.get("attacks") and "fast_queries" in a:
                     queries += (f" where the logit gradients vanish, "
-                                f"{min(a['fast_queries'], a['n_queries'])} on the other points "
+                                f"{near_queries(a)} on the other points "
                                 f"within {a.get('near', 1.0):g}·ε of a linearised boundary")
                 text = (f"{a['attack']} ({a['version'] if not a.get('attacks') else 'custom'}: "
                         f"{comps}; {a['steps']} iterations, {queries}, seed {a['seed']})")
