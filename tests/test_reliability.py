@@ -85,8 +85,10 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, capsys, on
     rng = random.Random(0)
     targets = sorted(rng.sample(range(2, total - 1), 2))
     plans = [lambda t=t: _progress(cut) >= t for t in targets]
-    # last, while a checkpoint is being written (its temporary file exists), if that is caught
+    # then while a checkpoint is being written (its temporary file exists), and between its
+    # two files (the bytes wait beside the old checkpoint for the sidecar), if those are caught
     plans.append(lambda: ck.exists() and any(ck.glob(".*.tmp")))
+    plans.append(lambda: (ck / ".last.pt.pending").exists())
     killed = 0
     for plan in plans:
         resume = (cut / "config.yaml").exists()
@@ -237,3 +239,49 @@ def test_fuzzed_set_values_on_the_command_line(capsys, sets):
         assert exc.code in (0, 2), exc.code
     err = capsys.readouterr().err
     assert "Traceback" not in err
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL at one moment of a checkpoint write."""
+
+
+@pytest.mark.parametrize("moment", ["after the bytes", "after the sidecar"])
+def test_kill_inside_a_checkpoint_write_leaves_a_pair_that_resume_completes(
+        tmp_path, capsys, monkeypatch, moment):
+    """The two files of a checkpoint (the .pt and the .json naming its sha256) are written so
+    that a kill between any two of their writes never leaves a checkpoint refused as modified:
+    a kill before the sidecar keeps the previous pair, a kill after it is completed by
+    --resume (and named, not called corrupted, by anything that reads it before)."""
+    from robustfair.engine import io as rio
+
+    run = _trained_run(tmp_path)
+    ck = run / "checkpoints" / "last.pt"
+    old = load_checkpoint(ck)
+    new_state = {**old, "best_metric": 0.123456}
+    buf = __import__("io").BytesIO()
+    torch.save(new_state, buf)
+    target = rio.atomic_write_bytes if moment == "after the bytes" else rio.atomic_write_json
+
+    def write_then_die(*a, **k):  # noqa: ANN002, ANN003
+        target(*a, **k)
+        raise _Killed
+
+    monkeypatch.setattr(rio, target.__name__, write_then_die)
+    with pytest.raises(_Killed):
+        rio.save_with_sidecar(ck, buf.getvalue(), json.loads(ck.with_suffix(".json").read_text()))
+    monkeypatch.undo()
+    assert rio.pending_path(ck).exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(run), "-q", "--attack", "fgsm", "--n", "20"])
+    err = capsys.readouterr().err.strip().splitlines()
+    if moment == "after the bytes":  # the previous pair is whole and is used
+        assert exc.value.code == 0, err
+    else:
+        assert exc.value.code == 2 and len(err) == 1 and "--resume" in err[0], err
+        assert "interrupted" in err[0] and "sha256" not in err[0]
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(run), "--resume", "-q", "--no-eval"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    assert not rio.pending_path(ck).exists()
+    want = old if moment == "after the bytes" else new_state
+    assert load_checkpoint(ck)["best_metric"] == want["best_metric"]

@@ -74,7 +74,7 @@ def train_run(cfg: Any, run_dir: Path | None = None, resume: bool = False, force
     from ..engine import distributed
     from ..engine.history import record_resume_changes
     from ..engine.lock import run_lock
-    from ..engine.trainer import Trainer, prepare_run_dir
+    from ..engine.trainer import Trainer, prepare_run_dir, settle_checkpoints
 
     target = run_dir if run_dir is not None else Path(cfg.output_dir) / cfg.name
     if resume and not (target / "config.yaml").exists():
@@ -82,6 +82,7 @@ def train_run(cfg: Any, run_dir: Path | None = None, resume: bool = False, force
     is_main = distributed.world_from_env()[0] == 0
     with run_lock(target, enabled=is_main):
         if resume and is_main:
+            settle_checkpoints(target)
             record_resume_changes(cfg, target)
         if resume and run_complete(target, cfg, evaluate):
             return target, None

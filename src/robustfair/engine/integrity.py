@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .io import sha256_file
+from .io import pending_path, sha256_file
 
 
 def verify_checkpoint(path: str | Path) -> None:
@@ -21,5 +21,10 @@ def verify_checkpoint(path: str | Path) -> None:
         raise UserError(f"{side} is unreadable; delete it to skip the integrity check") from None
     want = meta.get("sha256")
     if want and sha256_file(path) != want:
+        pending = pending_path(path)
+        if pending.exists() and sha256_file(pending) == want:
+            raise UserError(f"checkpoint {str(path)!r} is being written, or its write was "
+                            f"interrupted; wait for it, or resume the run with --resume to "
+                            f"complete it")
         raise UserError(f"checkpoint {str(path)!r} does not match its recorded sha256 (modified "
                         f"or corrupted); restore the file or retrain")

@@ -113,13 +113,50 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> str:
-    """Serialise with torch.save to memory, write atomically, return the sha256."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    atomic_write_bytes(path, data)
-    return sha256_bytes(data)
+def pending_path(path: str | Path) -> Path:
+    """Where a checkpoint waits, complete, until its sidecar names it (see :func:`save_with_sidecar`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.pending")
+
+
+def save_with_sidecar(path: str | Path, data: bytes, meta: dict[str, Any]) -> str:
+    """Write checkpoint bytes and their ``.json`` sidecar (``meta`` plus the sha256) so that a
+    kill at any moment leaves a pair that agrees, or one that :func:`finish_interrupted_save`
+    completes: the bytes go to a pending file first, then the sidecar, then the pending file is
+    renamed onto ``path``. Return the sha256."""
+    path = Path(path)
+    digest = sha256_bytes(data)
+    pending = pending_path(path)
+    atomic_write_bytes(pending, data)
+    atomic_write_json(path.with_suffix(".json"), {"sha256": digest,
+                                               **{k: v for k, v in meta.items() if k != "sha256"}})
+    try:
+        os.replace(pending, path)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    _fsync_dir(path.parent)
+    return digest
+
+
+def finish_interrupted_save(path: str | Path) -> None:
+    """After a kill inside :func:`save_with_sidecar`: install the pending file if the sidecar
+    already names it, otherwise drop it (the previous pair is still whole)."""
+    path = Path(path)
+    pending = pending_path(path)
+    if not pending.exists():
+        return
+    try:
+        want = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        want = None
+    try:
+        if want and sha256_file(pending) == want:
+            os.replace(pending, path)
+            _fsync_dir(path.parent)
+        else:
+            pending.unlink()
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import logging
 import os
@@ -32,12 +33,24 @@ from ..samplers import SAMPLERS
 from ..weights import WEIGHTS
 from . import distributed
 from .evaluator import EvalResult, evaluate
-from .io import (atomic_write_json, atomic_write_text, load_checkpoint, make_dir,
-                 save_checkpoint, sha256_file)
+from .io import (atomic_write_text, finish_interrupted_save, load_checkpoint, make_dir,
+                 save_with_sidecar, sha256_file)
 from .progress import EvalProgress
 from .schedule import lr_at
 
 log = logging.getLogger("robustfair")
+
+
+def settle_checkpoints(run_dir: Path) -> None:
+    """Make a run's checkpoint folder whole after a kill: drop temporary files of an interrupted
+    write and complete (or drop) an interrupted checkpoint save (see ``save_with_sidecar``)."""
+    ckdir = Path(run_dir) / "checkpoints"
+    if not ckdir.exists():
+        return
+    for tmp in ckdir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    for name in ("last.pt", "best.pt"):
+        finish_interrupted_save(ckdir / name)
 
 
 class TrainingDiverged(UserError):
@@ -246,9 +259,10 @@ class Trainer:
         """Write checkpoints/NAME.pt and its JSON; ``is_best``: this epoch's end is the best so
         far (best.pt is copied from it next, and again on resume if a kill came in between)."""
         path = self.run_dir / "checkpoints" / f"{name}.pt"
-        digest = save_checkpoint(path, self.state_dict())
-        atomic_write_json(path.with_suffix(".json"), {
-            "sha256": digest, "version": __version__, "epoch": self.epoch,
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        save_with_sidecar(path, buf.getvalue(), {
+            "version": __version__, "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "model": self.cfg.model.name, "dataset": self.cfg.data.name,
             "metrics": self.last_val, "is_best": is_best,
@@ -256,12 +270,10 @@ class Trainer:
         return path
 
     def _copy_best(self) -> None:
-        """best.pt and best.json become copies of last.pt and last.json (each atomically)."""
+        """best.pt and best.json become copies of last.pt and last.json (as one pair)."""
         ck = self.run_dir / "checkpoints"
-        shutil.copyfile(ck / "last.pt", ck / ".best.pt.tmp")
-        os.replace(ck / ".best.pt.tmp", ck / "best.pt")
-        shutil.copyfile(ck / "last.json", ck / ".best.json.tmp")
-        os.replace(ck / ".best.json.tmp", ck / "best.json")
+        meta = json.loads((ck / "last.json").read_text(encoding="utf-8"))
+        save_with_sidecar(ck / "best.pt", (ck / "last.pt").read_bytes(), meta)
 
     def resume(self) -> bool:
         """Load ``checkpoints/last.pt`` (hash-checked) and make the run directory agree with it:
@@ -269,8 +281,8 @@ class Trainer:
         from .integrity import verify_checkpoint
 
         ckdir = self.run_dir / "checkpoints"
-        for tmp in ckdir.glob(".*.tmp") if ckdir.exists() else []:
-            tmp.unlink(missing_ok=True)
+        if self.is_main:
+            settle_checkpoints(self.run_dir)
         path = ckdir / "last.pt"
         if not path.exists():
             self._repair_log(0)
