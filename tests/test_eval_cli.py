@@ -191,3 +191,25 @@ def test_checks_print_a_verdict_for_each(run_dir, capsys):
     failed = sum(ln.startswith("FAIL") for ln in lines)
     assert code == (1 if failed else 0)
     assert out.count("fix:") == failed
+
+
+def test_bf16_evaluation_is_stated_and_kept_beside_the_fp32_one(run_dir, capsys):
+    """--set eval.precision=bf16: the table says which rows ran in bf16, the summary keeps the
+    checks, and the evaluation is recorded under its own key (its numbers may differ)."""
+    args = ["eval", str(run_dir), "--attack", "pgd10", "--n", "40", "--eps", "0.1",
+            "--batch-size", "20", "--out", str(run_dir / "eval-prec")]
+    code, _, err = cli([*args, "-q"], capsys)
+    assert code == 0, err
+    code, out, err = cli([*args, "-q", "--set", "eval.precision=bf16"], capsys)
+    assert code == 0, err
+    root = run_dir / "eval-prec"
+    fp32 = json.loads((root / "summary.json").read_text())
+    assert fp32["settings"]["precision"] == "fp32"
+    (beside,) = [p for p in root.glob("*/summary.json")]
+    prec = json.loads(beside.read_text())["settings"]["precision"]
+    assert prec["requested"] == "bf16" and set(prec["checks"]) == {"pgd10"}
+    stated = "attacked in bf16 (checked against fp32 on each row's first batch, verdicts in " \
+             "fp32): pgd10" in out
+    assert stated == (prec["checks"]["pgd10"]["used"] == "bf16"), (prec, out)
+    code, _, err = cli([*args, "-q", "--set", "eval.precision=fp16"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "precision" in err, err

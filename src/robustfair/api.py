@@ -77,7 +77,8 @@ def evaluate(model: nn.Module, data: Any, y: Tensor | None = None, *, eps: float
              step_size: float | None = None, num_classes: int | None = None,
              class_names: Sequence[str] | None = None, groups: Tensor | None = None,
              data_root: str | None = None, device: torch.device | str | None = None,
-             bounded: bool | None = None, quiet: bool = True) -> Evaluation:
+             bounded: bool | None = None, quiet: bool = True,
+             precision: str = "fp32") -> Evaluation:
     """Evaluate ``model`` per class under each attack.
 
     Args:
@@ -106,6 +107,10 @@ def evaluate(model: nn.Module, data: Any, y: Tensor | None = None, *, eps: float
             the dataset's setting for a dataset name, else True); ``False`` for data that are
             not images (e.g. ``fairbatch-synthetic``), where only attacks that need no box run.
         quiet: no progress bars.
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 on CUDA with bf16 support): the
+            precision of the attacks' own passes; bf16 is kept for a row only where a check on
+            its first batch against fp32 agrees, and verdicts are always fp32 (see
+            ``settings["precision"]`` in the summary).
 
     Returns:
         An :class:`Evaluation` (``.table()``, ``.summary()``, ``.save(DIR)``).
@@ -125,7 +130,7 @@ def evaluate(model: nn.Module, data: Any, y: Tensor | None = None, *, eps: float
         describe={"dataset": info.get("dataset", "arrays"), "split": "test",
                   "model": type(model).__name__, "class_names": names,
                   "group_names": info.get("group_names", [])}, quiet=quiet, bounded=bounded,
-        fingerprint={"sha256": state_sha256(model), "weights": "as given"})
+        fingerprint={"sha256": state_sha256(model), "weights": "as given"}, precision=precision)
     return Evaluation(res)
 
 

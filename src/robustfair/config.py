@@ -172,6 +172,11 @@ class EvalConfig(Strict):
         "auto", description="memory order of a convolutional model's weights while it is "
                             "attacked: auto = channels-last on the CPU (faster there, same "
                             "logits), unchanged elsewhere")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="precision of the attacks' own passes: bf16 (autocast) runs each "
+                            "row's first batch in fp32 and bf16 and keeps bf16 only if it broke "
+                            "every point fp32 broke; verdicts are always fp32; auto = bf16 on "
+                            "CUDA with bf16 support, fp32 elsewhere")
 
     _eps = field_validator("eps", "step_size", mode="before")(
         lambda cls, v: None if v is None else parse_eps(v)

@@ -26,6 +26,13 @@ def pct(v: Any) -> str:
     return f"{100 * v:5.1f}"
 
 
+def bf16_rows(settings: dict[str, Any]) -> list[str]:
+    """The rows of an evaluation whose attacks ran in bf16 (``eval.precision``)."""
+    prec = settings.get("precision")
+    checks = prec.get("checks", {}) if isinstance(prec, dict) else {}
+    return [r for r, c in checks.items() if c.get("used") == "bf16"]
+
+
 def class_table(summary: dict[str, Any], class_names: list[str] | None = None,
                 title: str = "") -> str:
     """Per-class accuracy table (rows: classes; columns: attacks), then avg / worst / gap / std."""
@@ -51,6 +58,9 @@ def class_table(summary: dict[str, Any], class_names: list[str] | None = None,
             for a in s.get("attacks", []) if a.get("attack") != "clean")
         lines.append(f"eps {s.get('eps', 0):.4f} ({s.get('norm', '')}), seed {s.get('seed')}, "
                      f"n {summary.get('n')}" + (f"; attacks: {steps}" if steps else ""))
+        if bf16_rows(s):
+            lines.append(f"attacked in bf16 (checked against fp32 on each row's first batch, "
+                         f"verdicts in fp32): {', '.join(bf16_rows(s))}")
     lines.append(f"{'class':<{nw}} {'count':>6} " + " ".join(f"{a:>{w}}" for a in cols))
     counts = data[cols[0]]["counts"]
     for k in range(c):

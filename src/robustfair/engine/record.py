@@ -3,7 +3,8 @@
 An evaluation is keyed by the settings that decide its numbers: the model file (sha256; for a
 model given to the Python API, of its state dict), which weights of it (``raw``, ``ema``,
 ``averaged``, or ``as saved``/``as given``), the dataset, split and images (sha256 of the subset), ε, norm, seed and batch size (the attacks'
-random draws are seeded per batch). Its rows (one per attack) live in one matrix.
+random draws are seeded per batch), and the precision when some attack ran in bf16
+(``eval.precision``). Its rows (one per attack) live in one matrix.
 
 - A new evaluation with the key of ``eval/summary.json`` (the run's main evaluation) adds its
   rows to it: an attack not there yet becomes a new row, an attack already there is recomputed
@@ -32,6 +33,7 @@ import torch
 
 from .evaluator import EvalResult
 from .io import atomic_write_json
+from .staged import precision_used
 
 log = logging.getLogger("robustfair.eval")
 
@@ -47,7 +49,10 @@ def evaluation_key(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings that decide an evaluation's numbers (see the module docstring)."""
     s = dict(settings)
     s["images"] = (settings.get("subset") or {}).get("sha256")
-    return {k: s.get(k) for k in KEY_FIELDS}
+    key = {k: s.get(k) for k in KEY_FIELDS}
+    if precision_used(settings) != "fp32":  # absent for fp32: the keys of earlier records hold
+        key["precision"] = precision_used(settings)
+    return key
 
 
 def key_slug(key: dict[str, Any]) -> str:
@@ -180,6 +185,7 @@ def describe_evaluation(settings: dict[str, Any], where: str = "eval/summary.jso
     return (f"{where}: eps {float(eps):.4g} ({settings.get('norm')}), {imgs}, seed "
             f"{settings.get('seed')}" + (f", checkpoint {Path(str(ck)).name}" if ck else "")
             + (f" ({w} weights)" if w in ("ema", "averaged") else "")
+            + (", attacks partly in bf16" if precision_used(settings) == "bf16" else "")
             if eps is not None else where)
 
 

@@ -80,6 +80,7 @@ class EvalState:
         self.path, self.fingerprint, self.n = path, fingerprint, n
         self.rows: dict[str, tuple[Tensor, Tensor]] = {}
         self.current: dict[str, Any] | None = None
+        self.checks: dict[str, dict[str, Any]] = {}  # row -> its bf16-against-fp32 check
         self._saved = time.monotonic()
 
     @classmethod
@@ -102,6 +103,7 @@ class EvalState:
                             f"start over")
         for row, rec in raw.get("rows", {}).items():
             st.rows[row] = _decode(rec, n)
+        st.checks = dict(raw.get("precision_checks") or {})
         cur = raw.get("current")
         if cur is not None:
             c, p = _decode(cur, n)
@@ -135,6 +137,7 @@ class EvalState:
             "format": STATE_FORMAT, "version": 1, "fingerprint": _jsonable(self.fingerprint),
             "finished": list(self.rows), "current": cur,
             "rows": {r: _encode(c, p) for r, (c, p) in self.rows.items()},
+            "precision_checks": self.checks,
         })
         self._saved = time.monotonic()
 
@@ -157,6 +160,44 @@ def _decode(rec: dict[str, Any], n: int) -> tuple[Tensor, Tensor]:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
+
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision the attacks' own passes run in: ``auto`` is bf16 on a CUDA device that
+    supports it, fp32 elsewhere (on a CPU without bf16 units bf16 is slower)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        cuda = device.type == "cuda" and torch.cuda.is_available()
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+class Bf16Logits(nn.Module):
+    """``model`` under bf16 autocast, its logits returned in fp32: what the attacks' own passes
+    see when the evaluation's precision is bf16. Whether a point is broken is always decided on
+    ``model`` itself, in fp32."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = self.model(x)
+        return out.float()
+
+
+def precision_used(settings: dict[str, Any]) -> str:
+    """``bf16`` when some row of an evaluation was attacked in bf16, else ``fp32``."""
+    prec = settings.get("precision")
+    if not isinstance(prec, dict):
+        return "fp32"
+    return "bf16" if any(c.get("used") == "bf16" for c in (prec.get("checks") or {}).values()) \
+        else "fp32"
 
 
 def batch_seed(seed: int, row: str, batch: int) -> int:
@@ -201,17 +242,27 @@ def evaluate_staged(
     num_classes: int | None = None, batch_size: int = 500, step_size: float | None = None,
     device: torch.device | str | None = None, seed: int = 0, state_path: Path | None = None,
     resume: bool = False, fingerprint: dict[str, Any] | None = None, save_every: float = 30.0,
-    quiet: bool = True, bounded: bool = True, layout: str = "auto",
+    quiet: bool = True, bounded: bool = True, layout: str = "auto", precision: str = "fp32",
 ) -> EvalResult:
     """Evaluate ``model`` on ``data`` (an :class:`ArrayData`) attack by attack; see the module
-    docstring. Returns the :class:`EvalResult` (rows of AutoAttack stages included)."""
+    docstring. Returns the :class:`EvalResult` (rows of AutoAttack stages included).
+
+    ``precision`` (``fp32``, ``bf16`` or ``auto``, see :func:`resolve_precision`): the
+    precision of the attacks' own passes. With bf16, the first batch each row attacks is attacked
+    twice, in fp32 and in bf16; the row goes on in bf16 only if bf16 broke every point there that
+    fp32 broke, else in fp32. That batch keeps its fp32 result, every verdict (is the point
+    still classified correctly?) is taken in fp32, and each check is recorded in
+    ``settings["precision"]``."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    resolved = resolve_precision(precision, device)
     built = [a if isinstance(a, Attack) else build_attack(a, norm, step_size, bounded=bounded)
              for a in attacks]
     stages = plan(built)
     n = len(data)
     fp = {"eps": eps, "norm": norm, "seed": seed, "n": n, "batch_size": batch_size,
           "attacks": [describe_seeded(a, seed) for a in built], **(fingerprint or {})}
+    if resolved != "fp32":
+        fp["precision"] = resolved
     state = EvalState.open(state_path, fp, n, resume)
     if state.rows:
         log.info("resuming: %s already done", ", ".join(state.rows))
@@ -229,7 +280,7 @@ def evaluate_staged(
                 t0 = time.perf_counter()
                 correct, pred, attacked[stage.row] = _run_stage(
                     model, data, stage, state, labels, eps, batch_size, device, seed, save_every,
-                    quiet)
+                    quiet, Bf16Logits(model) if resolved == "bf16" else None)
                 timing[stage.row] = round(time.perf_counter() - t0, 3)
                 state.finish(stage.row, correct, pred)
                 acc = 100 * float(correct.float().mean())
@@ -251,6 +302,12 @@ def evaluate_staged(
         "stages": {a.name: [s for s, _ in a.stages()] for a in built if isinstance(a, AutoAttack)},
         "timing_s": timing,
         "layout": used,
+        "precision": "fp32" if resolved == "fp32" else {
+            "requested": precision, "attacks": resolved,
+            "rule": "each row's first batch attacked in fp32 and in bf16; bf16 for the rest of "
+                    "the row only if it broke every point there that fp32 broke; verdicts in "
+                    "fp32",
+            "checks": {r: c for r, c in state.checks.items() if r in [s.row for s in stages]}},
         "stage_time": {r: {"seconds": t, "points": attacked.get(r, 0)} for r, t in timing.items()
                        if r != "clean"},
         "protocol": "a point misclassified without attack counts as broken under every attack; "
@@ -265,8 +322,9 @@ def evaluate_staged(
 
 def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labels: Tensor,
                eps: float, batch_size: int, device: torch.device, seed: int, save_every: float,
-               quiet: bool) -> tuple[Tensor, Tensor, int]:
-    """(correct, pred, points attacked in this call) of one row."""
+               quiet: bool, half: nn.Module | None = None) -> tuple[Tensor, Tensor, int]:
+    """(correct, pred, points attacked in this call) of one row; ``half``: the model in bf16
+    (see :func:`evaluate_staged`), None for fp32."""
     if stage.after is None:
         return (*_clean(model, data, labels, batch_size, device), 0)
     base_c, base_p = state.rows[stage.after]
@@ -302,16 +360,26 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
         if len(idx) == 0:
             state.progress(stage.row, b + 1, correct, pred, save_every)
             continue
-        rng = torch.get_rng_state()
         b_seed = batch_seed(seed, stage.row, b)
-        torch.manual_seed(b_seed)
-        try:
-            with attack_seeded(stage.attack, b_seed, derive):
-                x_adv = stage.attack(model, x, y, eps)
-        finally:
-            torch.set_rng_state(rng)
-        with eval_mode(model), torch.no_grad():
-            p = model(x_adv).argmax(1).cpu()
+
+        def verdict(attacked_model: nn.Module) -> Tensor:
+            rng = torch.get_rng_state()
+            torch.manual_seed(b_seed)
+            try:
+                with attack_seeded(stage.attack, b_seed, derive):
+                    x_adv = stage.attack(attacked_model, x, y, eps)
+            finally:
+                torch.set_rng_state(rng)
+            with eval_mode(model), torch.no_grad():
+                return model(x_adv).argmax(1).cpu()
+
+        check = state.checks.get(stage.row) if half is not None else None
+        if half is not None and check is None:
+            p = verdict(model)
+            state.checks[stage.row] = check = _check_bf16(
+                stage.row, p != labels[idx], verdict(half) != labels[idx])
+        else:
+            p = verdict(half if check is not None and check["used"] == "bf16" else model)
         pred[idx], correct[idx] = p, p == labels[idx]
         state.progress(stage.row, b + 1, correct, pred, save_every)
         if bar is not None:
@@ -326,6 +394,19 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
         both = distributed.all_reduce_sum(both.to(device)).cpu()
         correct[todo], pred[todo] = both[0].bool(), both[1]
     return correct, pred, attacked
+
+
+def _check_bf16(row: str, broke32: Tensor, broke16: Tensor) -> dict[str, Any]:
+    """The record of one row's check of bf16 against fp32 on the same points and seed."""
+    missed = int((broke32 & ~broke16).sum())
+    check = {"points": len(broke32), "fp32_broke": int(broke32.sum()),
+             "bf16_broke": int(broke16.sum()), "bf16_missed": missed,
+             "bf16_only": int((broke16 & ~broke32).sum()), "used": "fp32" if missed else "bf16"}
+    level = logging.WARNING if missed else logging.INFO
+    log.log(level, "%s: bf16 check on %d points: fp32 broke %d, bf16 %d, missed %d; %s for "
+            "the rest of the row", row, check["points"], check["fp32_broke"], check["bf16_broke"],
+            missed, "fp32 (bf16 is weaker here)" if missed else "bf16")
+    return check
 
 
 def _clean(model: nn.Module, data: Any, labels: Tensor, batch_size: int,
