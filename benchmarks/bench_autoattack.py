@@ -118,11 +118,12 @@ def kl_attack(model: torch.nn.Module, x: torch.Tensor, eps: float) -> torch.Tens
 
 
 def contenders(eps: float, queries: int) -> dict[str, Contender]:
-    def ours(version: str, layout: str = "auto") -> Contender:
+    def ours(version: str, layout: str = "auto", fold: bool = True) -> Contender:
         def run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
             out = AutoAttack(norm="linf", version=version, n_queries=queries, seed=0,
-                             layout=layout).run(model, x, y, eps)
-            return {"x_adv": out.x_adv, "stage_time": out.stage_time, "layout": out.layout}
+                             layout=layout, fold_batchnorm=fold).run(model, x, y, eps)
+            return {"x_adv": out.x_adv, "stage_time": out.stage_time, "layout": out.layout,
+                    "folded": out.folded_batchnorm}
         return run
 
     def reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -149,7 +150,8 @@ def contenders(eps: float, queries: int) -> dict[str, Contender]:
 
     return {"robustfair": ours("standard"), "robustfair-fast": ours("fast"),
             "reference": reference, "torchattacks-100": torchattacks_100,
-            "robustfair-unchanged-layout": ours("standard", "unchanged")}
+            "robustfair-unchanged-layout": ours("standard", "unchanged"),
+            "robustfair-unfolded": ours("standard", fold=False)}
 
 
 def robust_flags(model: torch.nn.Module, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -181,7 +183,8 @@ def bench_model(name: str, a: argparse.Namespace) -> dict[str, Any]:
             flags.setdefault(c, f)
             flags[c] = flags[c] & f  # the worst case over rounds
             if "stage_time" in out:
-                stages[c] = {"stages": out["stage_time"], "layout": out["layout"]}
+                stages[c] = {"stages": out["stage_time"], "layout": out["layout"],
+                             "folded": out["folded"]}
     res: dict[str, Any] = {"model": name, "n": len(y), "eps": a.eps,
                            "clean": per_class(clean, y), "contenders": {}}
     for c in names:
@@ -189,7 +192,8 @@ def bench_model(name: str, a: argparse.Namespace) -> dict[str, Any]:
         cpu = statistics.median(t[1] for t in times[c])
         res["contenders"][c] = {"robust": per_class(flags[c], y), "wall_s": wall, "cpu_s": cpu,
                                 "stage_time": stages.get(c, {}).get("stages"),
-                                "layout": stages.get(c, {}).get("layout")}
+                                "layout": stages.get(c, {}).get("layout"),
+                                "folded_batchnorm": stages.get(c, {}).get("folded")}
     for base in ("torchattacks-100", "reference"):
         if base in times:
             res[f"ratio_to_{base}"] = {c: {k: statistics.median(
@@ -219,7 +223,8 @@ def show(res: dict[str, Any]) -> None:
         print(f"{c:18s} {100 * v['robust']['avg']:6.1f}%  {pcs}  {v['wall_s']:8.1f} "
               f"{v['cpu_s']:8.1f}  {ta:8.2f} {ref:9.2f}")
         if v["stage_time"]:
-            print(f"    weights {v['layout']}; stages: " + ", ".join(
+            print(f"    weights {v['layout']}, {v['folded_batchnorm']} BatchNorm folded; "
+                  f"stages: " + ", ".join(
                 f"{s} {t['seconds']:.1f} s on {t['points']}" for s, t in v["stage_time"].items()))
     print("broken by the first and not the second / by the second and not the first:")
     for pair, (a_only, b_only) in res["broken_by_one_not_other"].items():
@@ -233,7 +238,8 @@ def main() -> None:
     p.add_argument("--contenders", nargs="+", default=list(contenders(0.0, 1))[:4],
                    choices=list(contenders(0.0, 1)),
                    help="default: the first four (robustfair-unchanged-layout: robustfair with "
-                        "the model's weights left in their own memory order)")
+                        "the model's weights left in their own memory order; "
+                        "robustfair-unfolded: without folding BatchNorm into convolutions)")
     p.add_argument("--n", type=int, default=100, help="test images")
     p.add_argument("--eps", type=float, default=0.2)
     p.add_argument("--train-eps", type=float, default=0.3)

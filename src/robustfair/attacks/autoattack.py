@@ -80,6 +80,10 @@ class AutoAttackParams(AttackParams):
     layout: Literal["auto", "channels_last", "unchanged"] = Field(
         "auto", description="memory order of a convolutional model's weights during the run "
                             "(auto: channels-last on the CPU; the logits are the same)")
+    fold_batchnorm: bool = Field(
+        True, description="the attacks pass a copy of the model with each BatchNorm after a "
+                          "convolution folded into it (the same function, faster passes); "
+                          "verdicts on the model itself")
 
 
 @dataclass
@@ -92,6 +96,7 @@ class AutoAttackOutcome:
     clean: Tensor
     stage_time: dict[str, dict[str, float]] = field(default_factory=dict)
     layout: str = "unchanged"
+    folded_batchnorm: int = 0
 
 
 @ATTACKS.register("autoattack")
@@ -168,15 +173,19 @@ class AutoAttack(Attack):
     def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor,
             progress: Callable[[str, Tensor], None] | None = None) -> AutoAttackOutcome:
         """Run every stage on the points still robust; report robustness after each stage."""
-        from .base import as_eps, inference_layout
+        from .base import as_eps, fold_batchnorm, inference_layout
 
-        with inference_layout(model, x, self.layout) as layout:
-            out = self._run(model, x, y, as_eps(eps, x), progress)
-        out.layout = layout
+        attacker, folded = fold_batchnorm(model, x) if self.fold_batchnorm else (model, 0)
+        with inference_layout(attacker, x, self.layout) as layout:
+            out = self._run(model, x, y, as_eps(eps, x), progress, attacker)
+        out.layout, out.folded_batchnorm = layout, folded
         return out
 
     def _run(self, model: nn.Module, x: Tensor, y: Tensor, e: Tensor,
-             progress: Callable[[str, Tensor], None] | None) -> AutoAttackOutcome:
+             progress: Callable[[str, Tensor], None] | None,
+             attacker: nn.Module) -> AutoAttackOutcome:
+        """The stages; ``attacker`` is the model the attacks pass (``model`` with BatchNorm
+        folded, or ``model``), verdicts are taken on ``model``."""
         from .base import eval_mode
 
         with eval_mode(model):
@@ -189,12 +198,12 @@ class AutoAttack(Attack):
             t0 = time.perf_counter()
             idx = robust.nonzero().flatten()
             if len(idx):
-                with eval_mode(model):
-                    sel = self.gate(name, model, x[idx], y[idx], eps_rows(e, idx, len(x)))
+                with eval_mode(attacker):
+                    sel = self.gate(name, attacker, x[idx], y[idx], eps_rows(e, idx, len(x)))
                 if sel is not None:
                     idx = idx[sel]
             if len(idx):
-                xa = atk(model, x[idx], y[idx], eps_rows(e, idx, len(x)))
+                xa = atk(attacker, x[idx], y[idx], eps_rows(e, idx, len(x)))
                 with eval_mode(model), torch.no_grad():
                     broke = model(xa).argmax(1) != y[idx]
                 x_adv[idx[broke]] = xa[broke]

@@ -84,7 +84,7 @@ def evaluate_split(model: nn.Module, data: Any, cfg: Any, out_dir: Path | None =
                   "class_names": data.class_names, "group_names": data.group_names},
         out_dir=out_dir, device=device, fingerprint=fingerprint, resume=resume, quiet=quiet,
         primary=primary, bounded=data.bounded, layout=ev.layout,
-        precision=ev.precision)
+        precision=ev.precision, fold_bn=ev.fold_batchnorm)
 
 
 def evaluate_images(model: nn.Module, split: Any, attacks: list[str], eps: float, norm: str, *,
@@ -94,7 +94,7 @@ def evaluate_images(model: nn.Module, split: Any, attacks: list[str], eps: float
                     device: torch.device | None = None,
                     fingerprint: dict[str, Any] | None = None, resume: bool = False,
                     quiet: bool = True, primary: bool = False, bounded: bool = True,
-                    layout: str = "auto", precision: str = "fp32"
+                    layout: str = "auto", precision: str = "fp32", fold_bn: bool = True
                     ) -> tuple[EvalResult, Path | None]:
     """Evaluate ``model`` on the class-stratified subset of ``n`` images of ``split`` (an
     ArrayData) with ``attacks``; add the result to the record in ``out_dir`` (see
@@ -114,7 +114,7 @@ def evaluate_images(model: nn.Module, split: Any, attacks: list[str], eps: float
     res = evaluate_staged(model, split, attacks, eps, norm, num_classes, batch_size, step_size,
                           device, seed, state_path=state, resume=resume, fingerprint=fp,
                           quiet=quiet, bounded=bounded, layout=layout,
-                          precision=precision)
+                          precision=precision, fold_bn=fold_bn)
     res.settings.update({**describe, "batch_size": batch_size, "step_size": step_size,
                          "subset": subset, "versions": package_versions(device),
                          **(fingerprint or {})})

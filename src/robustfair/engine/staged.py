@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..attacks import Attack, build_attack
 from ..attacks.autoattack import AutoAttack
-from ..attacks.base import as_eps, eval_mode, inference_layout
+from ..attacks.base import as_eps, eval_mode, fold_batchnorm, inference_layout
 from ..errors import UserError
 from . import distributed
 from .evaluator import EvalResult
@@ -243,6 +243,7 @@ def evaluate_staged(
     device: torch.device | str | None = None, seed: int = 0, state_path: Path | None = None,
     resume: bool = False, fingerprint: dict[str, Any] | None = None, save_every: float = 30.0,
     quiet: bool = True, bounded: bool = True, layout: str = "auto", precision: str = "fp32",
+    fold_bn: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` on ``data`` (an :class:`ArrayData`) attack by attack; see the module
     docstring. Returns the :class:`EvalResult` (rows of AutoAttack stages included).
@@ -252,7 +253,11 @@ def evaluate_staged(
     twice, in fp32 and in bf16; the row goes on in bf16 only if bf16 broke every point there that
     fp32 broke, else in fp32. That batch keeps its fp32 result, every verdict (is the point
     still classified correctly?) is taken in fp32, and each check is recorded in
-    ``settings["precision"]``."""
+    ``settings["precision"]``.
+
+    ``fold_bn``: the attacks pass a copy of the model with each BatchNorm that follows a
+    convolution folded into it (see :func:`~robustfair.attacks.base.fold_batchnorm`; the same
+    function, faster passes); whether a point is broken is decided on ``model`` itself."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     resolved = resolve_precision(precision, device)
     built = [a if isinstance(a, Attack) else build_attack(a, norm, step_size, bounded=bounded)
@@ -270,8 +275,9 @@ def evaluate_staged(
     timing: dict[str, float] = {}
     attacked: dict[str, int] = {}
     probe = data.images(torch.arange(min(4, n))).to(device) if n else None
+    attacker, folded = fold_batchnorm(model, probe) if fold_bn else (model, 0)
     with contextlib.ExitStack() as stack:
-        used = stack.enter_context(inference_layout(model, probe, layout)) \
+        used = stack.enter_context(inference_layout(attacker, probe, layout)) \
             if probe is not None else "unchanged"
         try:
             for stage in stages:
@@ -280,7 +286,7 @@ def evaluate_staged(
                 t0 = time.perf_counter()
                 correct, pred, attacked[stage.row] = _run_stage(
                     model, data, stage, state, labels, eps, batch_size, device, seed, save_every,
-                    quiet, Bf16Logits(model) if resolved == "bf16" else None)
+                    quiet, Bf16Logits(attacker) if resolved == "bf16" else None, attacker)
                 timing[stage.row] = round(time.perf_counter() - t0, 3)
                 state.finish(stage.row, correct, pred)
                 acc = 100 * float(correct.float().mean())
@@ -302,6 +308,7 @@ def evaluate_staged(
         "stages": {a.name: [s for s, _ in a.stages()] for a in built if isinstance(a, AutoAttack)},
         "timing_s": timing,
         "layout": used,
+        "folded_batchnorm": folded,
         "precision": "fp32" if resolved == "fp32" else {
             "requested": precision, "attacks": resolved,
             "rule": "each row's first batch attacked in fp32 and in bf16; bf16 for the rest of "
@@ -322,9 +329,12 @@ def evaluate_staged(
 
 def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labels: Tensor,
                eps: float, batch_size: int, device: torch.device, seed: int, save_every: float,
-               quiet: bool, half: nn.Module | None = None) -> tuple[Tensor, Tensor, int]:
-    """(correct, pred, points attacked in this call) of one row; ``half``: the model in bf16
-    (see :func:`evaluate_staged`), None for fp32."""
+               quiet: bool, half: nn.Module | None = None, attacker: nn.Module | None = None
+               ) -> tuple[Tensor, Tensor, int]:
+    """(correct, pred, points attacked in this call) of one row; ``attacker``: the model the
+    attacks pass (``model`` when None; e.g. with BatchNorm folded), ``half``: it in bf16 (see
+    :func:`evaluate_staged`), None for fp32. Verdicts are taken on ``model``."""
+    attacker = model if attacker is None else attacker
     if stage.after is None:
         return (*_clean(model, data, labels, batch_size, device), 0)
     base_c, base_p = state.rows[stage.after]
@@ -337,7 +347,7 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
     todo = base_c.nonzero().flatten()
     chunks = list(torch.split(todo, batch_size))
     bar = _bar(quiet, stage.row, len(todo), sum(len(c) for c in chunks[:start]))
-    ticker = _IterationTicker(model, bar, len(chunks))
+    ticker = _IterationTicker(attacker, bar, len(chunks))
     attacked = 0
     derive = derives_seed(stage.attack, stage.ensemble)
     for b in range(start, len(chunks)):
@@ -348,8 +358,8 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
         x = data.images(idx).to(device)
         y = labels[idx].to(device)
         if stage.ensemble is not None:
-            with eval_mode(model):
-                sel = stage.ensemble.gate(stage.row.split("/", 1)[1], model, x, y,
+            with eval_mode(attacker):
+                sel = stage.ensemble.gate(stage.row.split("/", 1)[1], attacker, x, y,
                                           as_eps(eps, x))
             if sel is not None:
                 if bar is not None:
@@ -375,11 +385,11 @@ def _run_stage(model: nn.Module, data: Any, stage: Stage, state: EvalState, labe
 
         check = state.checks.get(stage.row) if half is not None else None
         if half is not None and check is None:
-            p = verdict(model)
+            p = verdict(attacker)
             state.checks[stage.row] = check = _check_bf16(
                 stage.row, p != labels[idx], verdict(half) != labels[idx])
         else:
-            p = verdict(half if check is not None and check["used"] == "bf16" else model)
+            p = verdict(half if check is not None and check["used"] == "bf16" else attacker)
         pred[idx], correct[idx] = p, p == labels[idx]
         state.progress(stage.row, b + 1, correct, pred, save_every)
         if bar is not None:
