@@ -58,9 +58,10 @@ def class_table(summary: dict[str, Any], class_names: list[str] | None = None,
             for a in s.get("attacks", []) if a.get("attack") != "clean")
         lines.append(f"eps {s.get('eps', 0):.4f} ({s.get('norm', '')}), seed {s.get('seed')}, "
                      f"n {summary.get('n')}" + (f"; attacks: {steps}" if steps else ""))
-        if bf16_rows(s):
+        half = bf16_rows(s)
+        if half:
             lines.append(f"attacked in bf16 (checked against fp32 on each row's first batch, "
-                         f"verdicts in fp32): {', '.join(bf16_rows(s))}")
+                         f"verdicts in fp32): {', '.join(half)}")
     lines.append(f"{'class':<{nw}} {'count':>6} " + " ".join(f"{a:>{w}}" for a in cols))
     counts = data[cols[0]]["counts"]
     for k in range(c):

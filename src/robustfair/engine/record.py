@@ -50,8 +50,9 @@ def evaluation_key(settings: dict[str, Any]) -> dict[str, Any]:
     s = dict(settings)
     s["images"] = (settings.get("subset") or {}).get("sha256")
     key = {k: s.get(k) for k in KEY_FIELDS}
-    if precision_used(settings) != "fp32":  # absent for fp32: the keys of earlier records hold
-        key["precision"] = precision_used(settings)
+    precision = precision_used(settings)
+    if precision != "fp32":  # absent for fp32: the keys of earlier records hold
+        key["precision"] = precision
     return key
 
 

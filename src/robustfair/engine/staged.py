@@ -314,7 +314,7 @@ def evaluate_staged(
             "rule": "each row's first batch attacked in fp32 and in bf16; bf16 for the rest of "
                     "the row only if it broke every point there that fp32 broke; verdicts in "
                     "fp32",
-            "checks": {r: c for r, c in state.checks.items() if r in [s.row for s in stages]}},
+            "checks": {r: c for r, c in state.checks.items() if r in names}},
         "stage_time": {r: {"seconds": t, "points": attacked.get(r, 0)} for r, t in timing.items()
                        if r != "clean"},
         "protocol": "a point misclassified without attack counts as broken under every attack; "
