@@ -45,6 +45,7 @@ def test_per_sample_and_per_element_eps(trained_cnn, batch, spec):
     assert (lp_norm(x_adv - x, "l2") <= r + 1e-5).all()
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("spec", BASIC)
 def test_scalar_equals_vector_eps(trained_cnn, batch, spec):
     x, y = batch
@@ -55,9 +56,12 @@ def test_scalar_equals_vector_eps(trained_cnn, batch, spec):
     b = atk(trained_cnn, x, y, torch.full((len(x),), 0.1))
     torch.manual_seed(3)
     c = atk(trained_cnn, x, y, torch.full_like(x, 0.1))
+    # tolerance: torch's default (rtol 1e-5): the same attack with ε as a scalar, a vector or a
+    #   tensor; the same fp32 operations, one broadcast apart
     assert torch.allclose(a, b) and torch.allclose(a, c)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("spec", ["fgsm", "pgd10", "cw10"])
 def test_batch_equals_per_sample(trained_cnn, batch, spec):
     """A deterministic attack on a batch equals the attack on each sample alone (the TRADES KL
@@ -68,6 +72,9 @@ def test_batch_equals_per_sample(trained_cnn, batch, spec):
     whole = atk(trained_cnn, x[:8], y[:8], 0.1)
     for i in range(8):
         one = atk(trained_cnn, x[i : i + 1], y[i : i + 1], 0.1)
+        # tolerance: a batch of 8 against one image (another GEMM blocking): logits differ by fp32
+        #   rounding, the steps' signs do not flip on this trained model; FP32_ELEMENTWISE on
+        #   pixels in [0, 1]
         assert torch.allclose(whole[i : i + 1], one, atol=1e-6)
 
 

@@ -66,6 +66,7 @@ def test_apgd_checkpoints_follow_the_paper():
                                                                   99]
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fab_projection_is_the_minimal_step(norm):
     """The projection onto {w·δ = c} inside the box equals a linear program (ℓ∞: minimise s
@@ -187,6 +188,7 @@ def test_early_stop_changes_no_outcome(mlp, test_set):
         assert torch.equal(mlp(a).argmax(1) == y, mlp(b).argmax(1) == y)
 
 
+@pytest.mark.numeric
 def test_targets_side_by_side_match_one_after_another(mlp, test_set):
     x, y = test_set[0][:120], test_set[1][:120]
     together = acc(mlp, build_attack("apgd-t20")(mlp, x, y, EPS), y)
@@ -207,6 +209,7 @@ def standard_vs_fast(mlp, test_set):
     return std, fast
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.8)])
 def test_apgd_ce_matches_torchattacks(mlp, test_set, norm, eps):
     """Same iterations (100), restarts (1) and seed; all 360 test images: within 1 point."""
@@ -270,6 +273,7 @@ def test_autoattack_not_weaker_than_torchattacks_with_100_iterations(mlp, test_s
 # ---------------------------------------------------------------------------- MALT, fast version
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_malt_ranking_is_the_exact_boundary_ranking_on_a_linear_model(norm):
     """For f(x) = Wx + b, MALT's d_t is the exact distance to {z_y = z_t}; its order of the

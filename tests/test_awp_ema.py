@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +46,7 @@ def loss_of(model, x, y) -> float:
         return float(F.cross_entropy(model(x), y))
 
 
+@pytest.mark.numeric
 def test_perturbation_is_gamma_times_the_layer_norm_and_raises_the_loss(digits):
     torch.manual_seed(0)
     model = mlp()
@@ -57,6 +59,7 @@ def test_perturbation_is_gamma_times_the_layer_norm_and_raises_the_loss(digits):
     for n, p in model.named_parameters():
         v = p.detach() - w0[n]
         if p.dim() > 1:
+            # tolerance: fp32 norms of up to ~10,000 weights: √10⁴·u ≈ 6e-6 relative, ×16 margin
             assert torch.isclose(v.norm(), 0.01 * w0[n].norm(), rtol=1e-4)
         else:
             assert float(v.abs().max()) == 0.0  # biases are not perturbed
@@ -64,6 +67,7 @@ def test_perturbation_is_gamma_times_the_layer_norm_and_raises_the_loss(digits):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.numeric
 def test_restore_leaves_the_weights_unperturbed(digits):
     torch.manual_seed(0)
     model = mlp()
@@ -75,9 +79,12 @@ def test_restore_leaves_the_weights_unperturbed(digits):
     awp.restore(model)
     assert awp.diff == {}
     for k, v in model.state_dict().items():
+        # tolerance: add then subtract the same fp32 perturbation (|v| ≤ 1e-2·|w| ≤ 0.1): at most 2
+        #   u32 of the weight, weights below 1
         assert torch.allclose(v, w0[k], atol=1e-7), k
 
 
+@pytest.mark.numeric
 def test_awp_changes_the_update_to_the_gradient_at_the_perturbed_weights(digits):
     torch.manual_seed(0)
     plain = mlp()
@@ -108,6 +115,7 @@ def test_awp_changes_the_update_to_the_gradient_at_the_perturbed_weights(digits)
     assert any(changed)
     # w ← w − lr·∇L(w + v): the update uses the gradient at the perturbed point, from w
     for (n, p), g in zip(with_awp.named_parameters(), g_perturbed, strict=True):
+        # tolerance: FP32_ELEMENTWISE: one SGD step computed by the optimizer and by hand
         assert torch.allclose(p.detach(), w0[n] - lr * g, atol=1e-6), n
 
 
@@ -148,6 +156,7 @@ def test_trainer_with_awp_trains_and_starts_after_the_warmup(tmp_path, monkeypat
     assert t.awp is not None and t.awp.diff == {}
 
 
+@pytest.mark.numeric
 def test_ema_update_is_the_exponential_average():
     torch.manual_seed(0)
     model = mlp()

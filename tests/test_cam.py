@@ -86,6 +86,7 @@ def reference_cam(model: nn.Module, x1: torch.Tensor, layer: str, method: str) -
     return torch.nan_to_num(cam / cam.amax((1, 2), keepdim=True))  # constant map: 0, not NaN
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("method", METHODS)
 def test_batched_cam_equals_per_image(small_resnet, method):
     x, _ = quadrant_images(6, seed=100)
@@ -94,12 +95,16 @@ def test_batched_cam_equals_per_image(small_resnet, method):
     assert int(out.flat.sum()) <= 1, "the test needs informative maps"
     for i in range(len(x)):
         single = class_activation_maps(small_resnet, x[i : i + 1], method)
+        # tolerance: a batch of 6 against one image: another GEMM blocking for the ResNet's layers;
+        #   fp32_network over its few layers of ≤ 1,000 accumulations, maps normalised to [0,
+        #   1]
         torch.testing.assert_close(out.cam[i], single.cam[0], atol=1e-5, rtol=1e-4)
         ref = reference_cam(small_resnet, x[i : i + 1], "net.layer4", method)
         torch.testing.assert_close(out.cam[i], ref[0], atol=1e-5, rtol=1e-4)
     assert torch.equal(out.class_idx, out.logits.argmax(1))
 
 
+@pytest.mark.numeric
 def test_gradcam_by_hand_is_cam_of_a_gap_linear_head():
     """Conv → global average pool → linear: ∂s_c/∂A_k(i,j) = W_ck / (h·w), so Grad-CAM is the
     classic CAM ReLU(Σ_k W_ck A_k) up to a positive factor (Selvaraju et al., Sec. 3.1)."""
@@ -123,6 +128,7 @@ def test_gradcam_by_hand_is_cam_of_a_gap_linear_head():
     a = net.conv(x).detach()
     c = net(x).argmax(1)
     expected = torch.relu((net.fc.weight[c][:, :, None, None] * a).sum(1)) / 36
+    # tolerance: FP32_ELEMENTWISE: a 5-term weighted sum of order 1, by autograd and by hand
     torch.testing.assert_close(out.cam, expected.detach(), atol=1e-6, rtol=1e-5)
     # a chosen class instead of the predicted one
     out2 = class_activation_maps(net, x, "gradcam", layer="conv", class_idx=2, normalize=False)
@@ -184,17 +190,21 @@ def test_constant_map_is_flagged_not_nan():
 
 def test_jet_lut_matches_matplotlib():
     cmap = matplotlib.colormaps["jet"]
+    # tolerance: FP64_FORMULA: the same piecewise-linear map in float64
     np.testing.assert_allclose(jet_lut().numpy(), cmap(np.arange(256))[:, :3], atol=1e-12)
     v = (torch.rand(5000, generator=torch.Generator().manual_seed(0)) * 1.4 - 0.2)
     np.testing.assert_allclose(jet(v).numpy(), cmap(v.numpy())[:, :3], atol=1e-12)
 
 
+@pytest.mark.numeric
 def test_bicubic_upsampling_matches_pillow():
     g = torch.Generator().manual_seed(0)
     cams = torch.rand(20, 4, 4, generator=g)
     up = Upsampler()(cams, (32, 32))
     for i in range(len(cams)):
         ref = np.asarray(Image.fromarray(cams[i].numpy()).resize((32, 32), Image.BICUBIC))
+        # tolerance: fp32 bicubic: 16 products of order 1 per pixel in another order than Pillow's:
+        #   16·u ≈ 1e-6, ×2
         np.testing.assert_allclose(up[i].numpy(), ref, atol=2e-6)
     # non-square and other factors (a WRN map 8×8 → 32×32, 16 → 64)
     cams = torch.rand(3, 8, 6, generator=g)
@@ -220,6 +230,7 @@ def random_cams(n: int, seed: int = 0) -> torch.Tensor:
     return normalize_maps(gradcam(a, grads))[0]
 
 
+@pytest.mark.numeric
 def test_jet_mask_equals_official_pipeline():
     cams = random_cams(64, seed=1)
     w = jet_channel_weights(Upsampler()(cams, (32, 32)))
@@ -244,6 +255,7 @@ def test_threshold_continuous_and_grey_modes():
     assert thr.shape == (1, 3, 2, 2)
     assert thr[0, 0].tolist() == [[0.0, 1.0], [0.0, 1.0]] and torch.equal(thr[0, 0], thr[0, 2])
     cont = pixel_weights(u, 1, "continuous")
+    # tolerance: torch's default (rtol 1e-5): one fp32 division per value
     assert torch.allclose(cont[0, 0], torch.tensor([[0.1, 0.6], [0.5, 1.0]]))
     cams = Upsampler()(random_cams(8), (28, 28))
     rgb = jet_channel_weights(cams)

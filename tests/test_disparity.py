@@ -72,12 +72,16 @@ def test_cms_sampler_matches_scipy_cdf(alpha):
     assert np.all(np.abs(emp - ref) < 4.5 * se), (emp, ref)
 
 
+@pytest.mark.numeric
 def test_gaussian_and_cauchy_closed_forms_use_scipys_scale():
     """F_2(t) = Φ(t/√2) (scipy's α = 2 scale c is a standard deviation c√2) and F_1 = Cauchy."""
     from scipy.stats import levy_stable, norm
 
     t = np.array([-2.0, -0.5, 0.0, 1.0, 3.0])
+    # tolerance: scipy's levy_stable integrates numerically to about 1e-7 (its documented accuracy);
+    #   ours is closed-form
     np.testing.assert_allclose(stable_cdf(t, 2.0), levy_stable.cdf(t, 2.0, 0.0), atol=1e-6)
+    # tolerance: FP64_FORMULA
     np.testing.assert_allclose(stable_cdf(t, 2.0), norm.cdf(t, scale=math.sqrt(2)), atol=1e-12)
     np.testing.assert_allclose(stable_cdf(t, 1.0), levy_stable.cdf(t, 1.0, 0.0), atol=1e-6)
     z = sample_symmetric_stable(2.0, (100_000,), np.random.default_rng(1))
@@ -171,6 +175,7 @@ def _linear_classifier(d: int, seed: int = 0):
     return m.eval()
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.3)])
 def test_closed_form_attack_equals_pgd_on_a_linear_model(norm, eps):
     """On a linear model PGD converges to the closed-form δ* = −ε·s_y·sign(v) (ℓ∞) or
@@ -181,12 +186,16 @@ def test_closed_form_attack_equals_pgd_on_a_linear_model(norm, eps):
     closed = LinearWorstCase(norm=norm, clip=True)(model, x, y, eps)
     with single_thread():
         pgd = build_attack("pgd60", norm, step_size=eps / 10)(model, x, y, eps)
+    # tolerance: PGD converges to the closed form: ℓ∞ lands on the ball's corner exactly (up to fp32
+    #   steps of ε/10: 1e-5); ℓ2 approaches the optimum along the sphere in 60 steps of ε/10,
+    #   within 2e-3
     tol = 1e-5 if norm == "linf" else 2e-3
     torch.testing.assert_close(pgd, closed, atol=tol, rtol=0)
     ce = lambda z: F.cross_entropy(model(z), y, reduction="none")  # noqa: E731
     assert torch.all(ce(closed) >= ce(pgd) - 1e-5)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_closed_form_attack_on_unbounded_inputs_gives_the_robust_margin(norm):
     """CE at x + δ* equals softplus(−(m − ε‖v‖_*)), and matches unclipped PGD."""
@@ -202,10 +211,14 @@ def test_closed_form_attack_on_unbounded_inputs_gives_the_robust_margin(norm):
     m = s * (x.flatten(1) @ v + c)
     expected = F.softplus(-robust_margin(m, v, eps, norm))
     got = F.cross_entropy(model(x_adv), y, reduction="none")
+    # tolerance: fp32 CE of margins up to ~20 through softplus and through log-softmax: 1e-4 relative
+    #   covers the cancellation in logsumexp at that size
     torch.testing.assert_close(got, expected.detach(), atol=1e-4, rtol=1e-4)
     with single_thread():
         pgd = build_attack("pgd60", norm, step_size=eps / 10, clip=False)(model, x, y, eps)
     assert pgd.min() < 0 or pgd.max() > 1  # nothing was clamped to [0, 1]
+    # tolerance: unclipped PGD against the closed form: ℓ∞ exact at the corner up to fp32 steps; ℓ2
+    #   converges along the sphere, inputs of size ~2 × ε 1.5, 60 steps
     tol = 1e-4 if norm == "linf" else 2e-2
     torch.testing.assert_close(pgd, x_adv, atol=tol, rtol=0)
 
@@ -214,6 +227,7 @@ def test_closed_form_attack_on_unbounded_inputs_gives_the_robust_margin(norm):
 # trainers
 
 
+@pytest.mark.numeric
 def test_bank_equals_separate_training_with_torch_optimizers():
     """The bank's lr-scaled shared optimizer = one torch.optim.Adam per learning rate (same
     init, same batch order), for standard and ℓ2-AT models."""
@@ -245,6 +259,8 @@ def test_bank_equals_separate_training_with_torch_optimizers():
                 val = F.cross_entropy(lin(data.val.images().flatten(1)), data.val.y).item()
             if val < best[0]:
                 best = (val, (lin.weight[1] - lin.weight[0]).detach().clone())
+        # tolerance: the same training by two codes in fp32 (other summation orders over ~100 steps):
+        #   fp32_training
         assert fit.val_loss == pytest.approx(best[0], rel=1e-4)
         np.testing.assert_allclose(fit.params["v"], best[1].numpy(), atol=1e-4)
 

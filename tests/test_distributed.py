@@ -70,9 +70,14 @@ def test_two_processes_equal_one(tmp_path, capsys, one_thread):
     cb = load_checkpoint(two / "checkpoints" / "last.pt")
     a, b = ca["model"], cb["model"]
     for k in a:
+        # tolerance: two processes sum each batch's gradient as two half-batch means plus an all-
+        #   reduce: FP32_BATCH_MEAN per step, over the run's few dozen small steps (lr 0.05):
+        #   fp32_training, rtol for the larger weights
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     wa, wb = ca["policy"]["weights"], cb["policy"]["weights"]
     assert not torch.allclose(wa, torch.ones_like(wa))  # DAFA did move the weights
+    # tolerance: DAFA weights of order 1 from class means of counts (gathered, the same counts):
+    #   FP32_ELEMENTWISE
     assert torch.allclose(wa, wb, atol=1e-6)
     sa = json.loads((one / "eval" / "summary.json").read_text())
     sb = json.loads((two / "eval" / "summary.json").read_text())
@@ -81,6 +86,7 @@ def test_two_processes_equal_one(tmp_path, capsys, one_thread):
     la = [json.loads(x) for x in (one / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (two / "log.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == 2
+    # tolerance: FP32_BATCH_MEAN: an epoch's mean loss, summed per process and all-reduced
     assert abs(la[-1]["train_loss"] - lb[-1]["train_loss"]) < 1e-5
 
 
@@ -103,6 +109,8 @@ def test_sync_batchnorm_two_processes_equal_one(tmp_path, capsys, one_thread):
     b = load_checkpoint(two / "checkpoints" / "last.pt")["model"]
     assert any("running_var" in k for k in a) and a.keys() == b.keys()
     for k in a:
+        # tolerance: as above: one epoch's SGD steps with BatchNorm statistics all-reduced instead of
+        #   summed in one pass: fp32_training
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4), k
 
 
@@ -148,6 +156,8 @@ def _same_run(one: Path, two: Path, atol: float = 1e-5) -> tuple[dict, dict]:
     ca = load_checkpoint(one / "checkpoints" / "last.pt")
     cb = load_checkpoint(two / "checkpoints" / "last.pt")
     for k in ca["model"]:
+        # tolerance: fp32_training: per-step half-batch sums and an all-reduce against one batch sum
+        #   (atol chosen by the caller)
         assert torch.allclose(ca["model"][k], cb["model"][k], atol=atol, rtol=1e-4), k
     la = [json.loads(x) for x in (one / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (two / "log.jsonl").read_text().splitlines()]
@@ -171,6 +181,7 @@ def test_frl_two_processes_equal_one(launched, tmp_path, capsys, one_thread):
     ca, cb = _same_run(one, launched / "runs" / "frl2")
     phi = ca["policy"]["phi"]
     assert bool((phi[0] != 0).any() and (phi[2] != 0).any())  # weights and margins did move
+    # tolerance: FP32_ELEMENTWISE: FRL's φ of order 0.1 from gathered class costs
     assert torch.allclose(phi, cb["policy"]["phi"], atol=1e-6)
 
 
@@ -185,6 +196,8 @@ def test_ikl_classwise_weights_summed_over_processes(launched, tmp_path, capsys,
     ranks = [torch.load(launched / "dump-ikl2" / f"state-rank{r}.pt") for r in (0, 1)]
     w2 = [st["objective"]["class_weights"] for st in ranks]
     assert torch.equal(w2[0], w2[1])
+    # tolerance: the attack's random start is drawn per process: the class-wise softmax means move by
+    #   ~1e-4 with it; 1e-3 is well below their spread (rolled over above)
     assert torch.allclose(w1, w2[0], atol=1e-3)
 
 
@@ -195,6 +208,8 @@ def test_two_processes_resume_exactly(launched, one_thread):
     IKL's and DAFA's sums, split over processes, are whole in the checkpoint and continued by
     the first process only."""
     runs = launched / "runs"
+    # tolerance: the same 2 processes, stopped and resumed: the same sums in the same order but for
+    #   the checkpoint round trip; FP32_ELEMENTWISE
     ca, cb = _same_run(runs / "ikl2", runs / "ikl2-resumed", atol=1e-6)
     w = ca["objective"]["class_weights"]
     assert torch.allclose(w, cb["objective"]["class_weights"], atol=1e-6)

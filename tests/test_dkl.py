@@ -39,15 +39,20 @@ def official_wmse(z_nat, z_adv, weight):
     return 0.25 * ((dn - da).pow(2) * weight).sum((1, 2))
 
 
+@pytest.mark.numeric
 def test_wmse_in_o_of_c_equals_the_official_double_sum():
     torch.manual_seed(0)
     z_nat, z_adv = (3 * torch.randn(2, 8, 7)).unbind(0)
     s = torch.rand(8, 7)
     weight = s[:, :, None] * s[:, None, :]
     assert torch.allclose(weighted_mse(z_nat, z_adv, s), official_wmse(z_nat, z_adv, weight),
+                          # tolerance: fp32 sums of 49 pair terms up to ~100 in two orders:
+                          #   √49·u·Σ|terms| is ~1e-6 of the result (rtol 1e-5), atol for
+                          #   results near 0
                           rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.numeric
 def test_dkl_gradient_equals_kl_gradient_with_per_sample_weights():
     torch.manual_seed(1)
     zn, za = (2 * torch.randn(2, 6, 5)).unbind(0)
@@ -55,6 +60,8 @@ def test_dkl_gradient_equals_kl_gradient_with_per_sample_weights():
     kl_per_sample(zn1, za1).sum().backward()
     zn2, za2 = zn.clone().requires_grad_(), za.clone().requires_grad_()
     dkl_per_sample(zn2, za2, alpha=1.0, beta=1.0, stop_grad=True).sum().backward()
+    # tolerance: FP32_ELEMENTWISE: fp32 gradients of order 1 from a softmax and a few products,
+    #   computed by two formulas
     assert torch.allclose(zn1.grad, zn2.grad, atol=1e-6)
     assert torch.allclose(za1.grad, za2.grad, atol=1e-6)
     # the identity splits: wMSE carries KL's gradient into z_nat, the soft CE into z_adv
@@ -63,6 +70,7 @@ def test_dkl_gradient_equals_kl_gradient_with_per_sample_weights():
     assert torch.allclose(zn3.grad, zn1.grad, atol=1e-6) and float(za3.grad.abs().sum()) == 0
 
 
+@pytest.mark.numeric
 def test_ikl_drops_the_stop_gradient_so_wmse_reaches_the_adversarial_logits():
     torch.manual_seed(2)
     zn, za = torch.randn(2, 4, 6).unbind(0)
@@ -74,6 +82,7 @@ def test_ikl_drops_the_stop_gradient_so_wmse_reaches_the_adversarial_logits():
     assert torch.allclose(za1.grad, -zn1.grad, atol=1e-6) and za1.grad.abs().sum() > 0
 
 
+@pytest.mark.numeric
 def test_dkl_objective_with_alpha_equal_beta_trains_like_trades(digits):
     torch.manual_seed(0)
     model = build_model("mlp", 1, 10, 8, hidden=[16])
@@ -86,6 +95,8 @@ def test_dkl_objective_with_alpha_equal_beta_trains_like_trades(digits):
         build(name, **params)(model, x, y, eps, step).total().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
+        # tolerance: fp32 parameter gradients, each a batch mean over 32 samples through two formulas:
+        #   FP32_BATCH_MEAN, rtol for the larger entries
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
@@ -111,6 +122,8 @@ def test_classwise_weights_are_last_epochs_class_means_at_temperature():
     out = obj(model, z, y, one, one)
     # epoch 1: uniform 1/C, so every pair weight is 1/9
     assert torch.allclose(out.terms["wmse"], torch.zeros(4))  # x_adv = x without an attack
+    # tolerance: torch's default (rtol 1e-5, atol 1e-8): softmax class means of order 1/3 in fp32, a
+    #   few u32 apart
     assert torch.allclose(obj.class_weights, torch.full((3, 3), 1 / 3))
     obj.on_epoch_start(1)  # a resumed epoch does not roll over
     assert torch.allclose(obj.class_weights, torch.full((3, 3), 1 / 3))
@@ -132,6 +145,7 @@ def test_classwise_weights_are_last_epochs_class_means_at_temperature():
     assert int(fresh.current_epoch) == 2
 
 
+@pytest.mark.numeric
 def test_classwise_weights_enter_the_loss_as_outer_products():
     obj = build("ikl", num_classes=3, steps=0, alpha=0.0, beta=1.0)
     obj.class_weights.copy_(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.8, 0.1], [1 / 3] * 3]))
@@ -140,6 +154,7 @@ def test_classwise_weights_enter_the_loss_as_outer_products():
     y = torch.tensor([0, 1])
     s = obj.class_weights[y]
     got = weighted_mse(zn, za, s)
+    # tolerance: FP32_ELEMENTWISE: 9 fp32 pair terms of order 1
     assert torch.allclose(got, official_wmse(zn, za, s[:, :, None] * s[:, None, :]), atol=1e-6)
 
 
@@ -166,6 +181,7 @@ def test_ikl_trains_and_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
     full = Trainer(cfgs[0], prepare_run_dir(cfgs[0]), quiet=True)
     full.fit()
     w = full.objective.class_weights
+    # tolerance: FP32_BATCH_MEAN: rows of fp32 softmax means over an epoch, summed over 10 classes
     assert torch.allclose(w.sum(1), torch.ones(10), atol=1e-5)
     assert not torch.allclose(w, torch.full_like(w, 0.1))  # rolled over after epoch 1
     assert int(full.objective.current_epoch) == 2

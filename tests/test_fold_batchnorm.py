@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from robustfair.attacks.autoattack import AutoAttack
-from robustfair.attacks.base import fold_batchnorm
+from robustfair.attacks.base import fold_batchnorm, logit_tolerance
 from robustfair.engine.staged import evaluate_staged
 from robustfair.models import build_model
 
@@ -38,6 +38,7 @@ def bn_cnn(digits):
     return train_quick(m, digits, epochs=4)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", ["resnet18", "preact_resnet18", "vgg11_bn"])
 def test_folded_copy_is_the_same_function(name):
     model = _with_stats(build_model(name, 3, 10, 32, [0.5] * 3, [0.5] * 3))
@@ -54,9 +55,15 @@ def test_folded_copy_is_the_same_function(name):
     assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == bns - k
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     za, zb = model(xa), folded(xb)
-    assert torch.allclose(za, zb, rtol=1e-4, atol=1e-4)
+    # the same logits up to the rounding of another summation order, by the library's own
+    # criterion (the check fold_batchnorm makes before it uses the copy; derived at LOGIT_RTOL)
+    rtol, atol = logit_tolerance(za)
+    torch.testing.assert_close(zb, za, rtol=rtol, atol=atol)
     (ga,) = torch.autograd.grad(za[:, 3].sum(), [xa])
     (gb,) = torch.autograd.grad(zb[:, 3].sum(), [xb])
+    # tolerance: input gradients back through the same layers, folded or not: the logits' summation-
+    #   order rounding (logit_tolerance) relative to the largest gradient, which is ~1e-2 of
+    #   the logits
     assert torch.allclose(ga, gb, rtol=1e-3, atol=1e-5)
     # the user's model is as it was: weights, statistics and modes
     assert all(torch.equal(v, model.state_dict()[n]) for n, v in state.items())
@@ -91,6 +98,7 @@ def test_models_that_cannot_be_folded_are_left_as_they_are():
         assert fold_batchnorm(model, x) == (model, 0)
 
 
+@pytest.mark.numeric
 def test_autoattack_finds_the_same_with_and_without_folding(bn_cnn, digits):
     """Same seeds, the same function: the same points broken, stage by stage."""
     x, y = digits.test.images()[:30], digits.test.y[:30]

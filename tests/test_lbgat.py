@@ -44,6 +44,7 @@ def lbgat(steps: int = 2, **params) -> LBGAT:
     return OBJECTIVES.build(OBJECTIVES.validate(spec, "objective"), ctx=ctx_for(steps))
 
 
+@pytest.mark.numeric
 def test_terms_match_a_hand_computation_with_the_one_over_c_factor():
     z_adv = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
     z_teacher = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
@@ -51,6 +52,8 @@ def test_terms_match_a_hand_computation_with_the_one_over_c_factor():
     y = torch.tensor([0, 3])
     t = lbgat_terms(z_adv, z_nat, z_teacher, y, alpha_mse=2.0, beta=6.0)
     # ‖z_adv − z_t‖² = 1 and 4 + 1 = 5, divided by C = 4, times α_mse = 2
+    # tolerance: torch's default (rtol 1e-5): exact small integers and halves in fp32, a few u32 at
+    #   most
     assert torch.allclose(t["mse"], torch.tensor([0.5, 2.5]))
     # the batch mean of the unweighted term is nn.MSELoss() (mean over B·C = 8 numbers): 6/8
     assert torch.isclose(t["mse"].mean() / 2.0, torch.nn.MSELoss()(z_adv, z_teacher))
@@ -64,6 +67,7 @@ def test_terms_match_a_hand_computation_with_the_one_over_c_factor():
     p1 = torch.tensor([1.0, 3.0, 1.0, 1.0]) / 6.0
     q1 = torch.tensor([1.0, math.e**2, 1.0, 1.0]) / (math.e**2 + 3.0)
     kl1 = (p1 * torch.log(p1 / q1)).sum()
+    # tolerance: FP32_ELEMENTWISE: KL terms of order 1 by log-softmax and by the hand formula
     assert torch.allclose(t["robust"], 6.0 * torch.stack([kl0, kl1]), atol=1e-6)
 
 
@@ -86,6 +90,7 @@ def test_gradients_reach_both_models_and_the_teacher_is_not_detached(digits):
         assert all(p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+@pytest.mark.numeric
 def test_with_alpha_mse_zero_and_a_shared_natural_model_the_loss_is_trades(digits):
     torch.manual_seed(0)
     model = build_model("mlp", 1, 10, 8, hidden=[16])
@@ -100,6 +105,7 @@ def test_with_alpha_mse_zero_and_a_shared_natural_model_the_loss_is_trades(digit
     torch.manual_seed(1)
     b = trades(model, x, y, eps, step)
     assert torch.equal(a.x_adv, b.x_adv)
+    # tolerance: FP32_ELEMENTWISE: the same per-sample losses through two objectives' code paths
     assert torch.allclose(a.total(), b.total(), atol=1e-6)
     assert torch.allclose(a.terms["natural"], b.terms["natural"], atol=1e-6)
     assert torch.allclose(a.terms["robust"], b.terms["robust"], atol=1e-6)
@@ -189,6 +195,7 @@ def test_unknown_teacher_is_a_user_error_naming_the_field(tmp_path):
         tiny_cfg(tmp_path, "method.objective.teacher.name=resnet7")
 
 
+@pytest.mark.numeric
 def test_lbgat_loss_equals_the_official_batch_formula(digits):
     torch.manual_seed(3)
     z_adv, z_nat, z_t = torch.randn(3, 16, 10).unbind(0)
@@ -197,6 +204,7 @@ def test_lbgat_loss_equals_the_official_batch_formula(digits):
     official = (torch.nn.MSELoss()(z_adv, z_t) + F.cross_entropy(z_t, y)
                 + 6.0 / 16 * torch.nn.KLDivLoss(reduction="sum")(F.log_softmax(z_adv, 1),
                                                                  F.softmax(z_nat, 1)))
+    # tolerance: FP32_BATCH_MEAN: batch means over 16×10 fp32 terms summed in two orders
     assert torch.isclose(sum(v.mean() for v in t.values()), official, atol=1e-5)
 
 

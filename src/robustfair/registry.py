@@ -39,6 +39,15 @@ def first_line(obj: Any) -> str:
     return " ".join(line.strip() for line in para.splitlines())
 
 
+#: every registry made, in order of creation (see :func:`all_registries`)
+_ALL: list[Registry[Any]] = []
+
+
+def all_registries() -> list[Registry[Any]]:
+    """Every registry created so far (one per kind of part)."""
+    return list(_ALL)
+
+
 class Registry(Generic[T]):
     """A name → member table with one-line descriptions (the member's docstring's first line)."""
 
@@ -47,6 +56,7 @@ class Registry(Generic[T]):
         self._package = package
         self._members: dict[str, T] = {}
         self._loaded = package is None
+        _ALL.append(self)
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:

@@ -186,11 +186,28 @@ def inference_layout(model: nn.Module, x: Tensor, layout: str = "auto") -> Itera
             t.data = data
 
 
+#: "the same logits up to float rounding", for a model computed two ways (another weight layout,
+#: BatchNorm folded into a convolution): the kernels then sum each layer's K products in another
+#: order. In fp32 (unit roundoff u = 2^-24 ≈ 6e-8) that moves a layer's output by about √K·u
+#: times the size of its terms (K·u at worst), and the moves of the layers add up: for the
+#: networks attacked here (K from 9 to a few thousand, 5 to 50 layers) Σ√K·u is 1e-6 to 1e-5 of
+#: the largest logit. Hence an absolute tolerance of 1e-5 × the largest logit (at least 1e-5),
+#: and 1e-4 relative for the large logits, whose terms are many times their sum.
+LOGIT_RTOL = 1e-4
+LOGIT_ATOL_PER_SCALE = 1e-5
+
+
+def logit_tolerance(logits: Tensor) -> tuple[float, float]:
+    """``(rtol, atol)`` within which logits computed in another summation order still count as
+    the same (see :data:`LOGIT_RTOL`)."""
+    scale = float(logits.detach().abs().max()) if logits.numel() else 1.0
+    return LOGIT_RTOL, LOGIT_ATOL_PER_SCALE * max(scale, 1.0)
+
+
 def _logits_agree(a: Tensor, b: Tensor) -> bool:
     """Whether two models' logits on the same images are the same up to float rounding."""
-    scale = float(a.abs().max()) if a.numel() else 1.0
-    return a.shape == b.shape and bool(torch.allclose(b, a, rtol=1e-4,
-                                                      atol=1e-5 * max(scale, 1.0)))
+    rtol, atol = logit_tolerance(a)
+    return a.shape == b.shape and bool(torch.allclose(b, a, rtol=rtol, atol=atol))
 
 
 def fold_batchnorm(model: nn.Module, probe: Tensor | None) -> tuple[nn.Module, int]:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +70,30 @@ def step_seed(seed: int, global_step: int) -> int:
     return (seed * 2_654_435_761 + global_step * 40_503 + 12_345) % (2**63 - 1)
 
 
-def set_determinism(enabled: bool) -> None:
+@contextlib.contextmanager
+def determinism(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels while the block runs (or cuDNN's autotuner, when not ``enabled``);
+    the process's own settings again afterwards, so a run trained from Python leaves no global
+    switch behind it."""
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.benchmark,
+             cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
+        cudnn.benchmark, cudnn.deterministic = False, True
     else:
-        torch.backends.cudnn.benchmark = True
+        cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        det, warn_only, cudnn.benchmark, cudnn.deterministic, workspace = saved
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
 
 
 class EMA:
@@ -126,7 +143,6 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.quiet = quiet or not cfg.logging.progress
-        set_determinism(cfg.deterministic)
         self.rank, self.world, ddp_device = distributed.init(cfg.device)
         self.is_main = self.rank == 0
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.device)
@@ -461,8 +477,9 @@ class Trainer:
         writer = self._tensorboard()
         log_path = self.run_dir / "log.jsonl"
         try:
-            while self.epoch < cfg.train.epochs:
-                self._run_epoch(log_path, writer)
+            with determinism(cfg.deterministic):
+                while self.epoch < cfg.train.epochs:
+                    self._run_epoch(log_path, writer)
         finally:
             if writer is not None:
                 writer.close()
@@ -623,8 +640,9 @@ class Trainer:
             ckpt = self.run_dir / "checkpoints" / "last.pt"
             fp = {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt),
                   "weights": weights} if ckpt.exists() else {"weights": weights}
-        return run_eval(model, self.data, cfg, self.run_dir / "eval",
-                        attacks, self.device, quiet=self.quiet or not progress, fingerprint=fp)
+        with determinism(cfg.deterministic):
+            return run_eval(model, self.data, cfg, self.run_dir / "eval", attacks, self.device,
+                            quiet=self.quiet or not progress, fingerprint=fp)
 
     def policy_eval_model(self) -> nn.Module | None:
         """A copy of the model holding the weights the policy asks evaluation to use (CFA's
