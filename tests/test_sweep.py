@@ -318,7 +318,7 @@ def test_ray_worker_crash_fails_one_trial_and_paths_are_absolute(tmp_path, monke
     monkeypatch.setitem(sys.modules, "ray", fake)
     monkeypatch.chdir(tmp_path)
     spec = load_spec(_spec(tmp_path, TINY))
-    res = run_sweep(spec, Path("out"), engine="ray", compare=False)
+    res = run_sweep(spec, Path("out"), engine="ray", compare=False, retries=0)
     assert [p.status for p in res.planned] == ["failed", "done", "done", "done"]
     assert "WorkerCrashedError" in res.planned[0].error
     for payload in fake.payloads:
@@ -326,6 +326,12 @@ def test_ray_worker_crash_fails_one_trial_and_paths_are_absolute(tmp_path, monke
         assert Path(yaml.safe_load(payload["config"])["output_dir"]).is_absolute()
     state = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert [t["status"] for t in state["trials"]] == ["failed", "done", "done", "done"]
+    # by default a trial whose worker died is run again (here the second run succeeds)
+    fake.payloads.clear()
+    res = run_sweep(spec, Path("out2"), engine="ray", compare=False)
+    assert [p.status for p in res.planned] == ["done"] * 4
+    assert [p.attempts for p in res.planned] == [2, 1, 1, 1]
+    assert [p["name"] for p in fake.payloads][-1] == res.planned[0].trial.name
 
 
 def test_ctrl_c_is_an_interruption_with_the_command_to_continue(tmp_path, capsys, monkeypatch):

@@ -6,8 +6,11 @@ import errno
 import importlib
 import pkgutil
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -48,13 +51,48 @@ def _interrupted(args: list[str]) -> str:
 _USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so that a command stopped by ``kill`` or a job
+    scheduler saves what Ctrl-C saves, stops its worker processes and says how to continue."""
+
+
+#: exit status of a command stopped by SIGINT (Ctrl-C) or SIGTERM: 128 + the signal's number
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+_terminated = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _terminated
+    _terminated = True
+    raise Terminated()
+
+
+def _interrupt_status() -> int:
+    return EXIT_SIGTERM if _terminated else EXIT_SIGINT
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user mistakes end in one line on stderr and exit code 2, never a traceback."""
+    """Entry point: user mistakes end in one line on stderr and exit code 2, never a traceback.
+
+    SIGTERM is handled as Ctrl-C is (the same line on stderr, saying how to continue), with exit
+    status 143 instead of 130; the previous handler is put back on the way out."""
+    global _terminated
+    _terminated = False
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        _main(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="robustfair", standalone_mode=False)
     except Interrupted as exc:
         click.echo(str(exc), err=True)
-        sys.exit(exc.exit_code)
+        sys.exit(_interrupt_status() if exc.exit_code == EXIT_SIGINT else exc.exit_code)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -63,10 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         ctrl_c = isinstance(exc.__context__, KeyboardInterrupt)
         click.echo(_interrupted(sys.argv[1:] if argv is None else argv) if ctrl_c else "aborted",
                    err=True)
-        sys.exit(130)
+        sys.exit(_interrupt_status())
     except KeyboardInterrupt:
-        click.echo("interrupted; resume with --resume", err=True)
-        sys.exit(130)
+        click.echo(_interrupted(sys.argv[1:] if argv is None else argv), err=True)
+        sys.exit(_interrupt_status())
     except click.ClickException as exc:
         exc.show()
         sys.exit(2 if exc.exit_code in (1, 2) else exc.exit_code)
@@ -86,4 +124,4 @@ if __name__ == "__main__":  # pragma: no cover
     main()
 
 
-__all__ = ["cli", "main", "Path"]
+__all__ = ["Terminated", "cli", "main", "Path"]

@@ -6,7 +6,6 @@ disparity study (Hu et al., ICML 2023) and writes Figure 1's two rows as PNG and
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import click
 
 from ..config import apply_override
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ._common import setup_logging
 
 
@@ -166,9 +165,9 @@ def disparity(**opts: Any) -> None:
         results = run_disparity_study(cfg, out, workers=opts["workers"], quiet=opts["quiet"],
                                       force=opts["force"])
     except KeyboardInterrupt:
-        click.echo(f"interrupted; finished cells are kept in {out}/cells — run the same "
-                   f"command again to continue", err=True)
-        sys.exit(130)
+        raise Interrupted(f"interrupted; finished cells are kept in {out}/cells and the "
+                          f"workers are stopped — run the same command again to continue"
+                          ) from None
     click.echo(results_table(results))
     figs = ", ".join(results["figures"].values())
     click.echo(f"results: {out / 'results.json'}; figures: {figs}  "

@@ -25,13 +25,18 @@ from ._common import setup_logging
                    "here). Its nodes must see the output folder.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Sweep folder (default: the spec's output_dir, else sweeps/NAME).")
+@click.option("--retries", type=click.IntRange(min=0), default=None,
+              help="Times a trial whose worker process died (killed, out of memory) is run "
+                   "again, from its last checkpoint (default 2).")
 @click.option("--dry-run", is_flag=True, help="List the trials and what would happen to each.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the final table.")
 def command(spec: Path, overrides: tuple[str, ...], engine: str, workers: int | None,
-            address: str | None, out: Path | None, dry_run: bool, quiet: bool) -> None:
+            address: str | None, out: Path | None, retries: int | None, dry_run: bool,
+            quiet: bool) -> None:
     """Run every trial of SPEC (recipes × seeds × --set axes), skipping finished runs and
     resuming killed ones, then write the comparison table (mean ± std over seeds)."""
     from ..sweep import load_spec, plan, run_sweep
+    from ..sweep.core import RETRIES
 
     setup_logging(quiet)
     sp = load_spec(spec)
@@ -41,13 +46,15 @@ def command(spec: Path, overrides: tuple[str, ...], engine: str, workers: int | 
             click.echo(f"{p.action:<8} {p.trial.name:<40} {p.run_dir}")
         return
     try:
-        res = run_sweep(sp, out, list(overrides), engine=engine, workers=workers, address=address)
+        res = run_sweep(sp, out, list(overrides), engine=engine, workers=workers, address=address,
+                        retries=RETRIES if retries is None else retries)
     except KeyboardInterrupt:
         again = ["robustfair", "sweep", str(spec), *(["--out", str(out)] if out else []),
                  *(a for o in overrides for a in ("--set", o)),
                  *(["--engine", engine] if engine != "local" else []),
                  *(["--address", address] if address else []),
-                 *(["--workers", str(workers)] if workers else [])]
+                 *(["--workers", str(workers)] if workers else []),
+                 *(["--retries", str(retries)] if retries is not None else [])]
         raise Interrupted("interrupted; finished runs are kept and killed ones resume: continue "
                           f"with: {shlex.join(again)}") from None
     from ..report.compare import to_markdown

@@ -24,6 +24,7 @@ linear models all methods of one (R, seed) train together (:func:`~.linear.fit_l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -269,9 +270,11 @@ def _execute(cfg: DisparityStudyConfig, jobs: list[Job], cells_dir: Path, worker
     from ..sweep.runner import run_jobs
 
     payloads = [(cfg.model_dump(), job, str(cells_dir)) for job in jobs]
-    for _, recs in run_jobs(_run_job_payload, payloads, workers=workers):
-        progress.update(len(recs))
-        yield from recs
+    results = run_jobs(_run_job_payload, payloads, workers=workers)
+    with contextlib.closing(results):  # interrupted: the workers stop before this returns
+        for _, recs in results:
+            progress.update(len(recs))
+            yield from recs
 
 
 def _run_job_payload(payload: tuple[dict[str, Any], Job, str]) -> list[dict[str, Any]]:
@@ -296,8 +299,9 @@ def run_disparity_study(cfg: DisparityStudyConfig, out_dir: str | Path, workers:
         load_cell_data(cfg, jobs[0].ratio, jobs[0].seed)  # fail fast on bad data settings
     log.info("%d of %d cells cached in %s; %d jobs to run", len(done), total, cells_dir, len(jobs))
     with tqdm(total=total, initial=len(done), desc="cells", unit="cell", disable=quiet,
-              dynamic_ncols=True) as progress:
-        for rec in _execute(cfg, jobs, cells_dir, workers, progress):
+              dynamic_ncols=True) as progress, \
+            contextlib.closing(_execute(cfg, jobs, cells_dir, workers, progress)) as recs:
+        for rec in recs:
             done[rec["key"]] = rec
     results = aggregate(cfg, done)
     results["closed_form"] = closed_form(cfg)

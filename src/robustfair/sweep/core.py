@@ -10,6 +10,7 @@ continues with ``--resume``; one whose config changed is trained again from scra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -50,6 +51,10 @@ class Planned:
     seconds: float | None = None
     error: str | None = None
     host: str | None = None
+    #: runs of the trial (more than one when its worker died and it was run again)
+    attempts: int = 0
+    #: the checkpoint (epoch, step in the epoch, global step) its last run continued from
+    resumed_from: dict[str, int] | None = None
 
 
 @dataclass
@@ -133,14 +138,23 @@ def plan(spec: SweepSpec, out_dir: str | Path, extra: list[str] | None = None) -
 
 def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     """Train and evaluate one trial (in a worker process or a Ray task); never raises."""
-    from ..commands.run import train_run
+    from ..commands.run import run_progress, train_run
 
     t0 = time.perf_counter()
     out: dict[str, Any] = {"name": payload["name"], "host": socket.gethostname()}
     try:
         cfg = build_config(yaml.safe_load(payload["config"]))
-        train_run(cfg, Path(payload["run_dir"]), resume=payload["action"] == "resume",
-                  force=payload["action"] == "retrain", quiet=True)
+        run_dir = Path(payload["run_dir"])
+        # decided again here: an attempt killed before (a worker that died, run again by the
+        # runner) leaves a run of this very config, which continues from its last checkpoint
+        action = payload["action"]
+        if action != "resume":
+            action = trial_action(run_dir, cfg)
+        if action in ("resume", "skip"):
+            out["resumed_from"] = run_progress(run_dir)
+        out["action"] = action
+        train_run(cfg, run_dir, resume=action in ("resume", "skip"), force=action == "retrain",
+                  quiet=True)
         out["ok"] = True
     except UserError as exc:
         out.update(ok=False, error=str(exc))
@@ -152,7 +166,8 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _crashed(payload: dict[str, Any], why: str) -> dict[str, Any]:
-    """The result of a trial whose worker died (killed, out of memory): failed, not fatal."""
+    """The result of a trial whose worker died (killed, out of memory) more often than the
+    sweep runs it again: failed, not fatal."""
     return {"name": payload["name"], "ok": False, "seconds": None,
             "error": f"{why}; run the sweep again to resume it"}
 
@@ -167,12 +182,17 @@ def _save_state(spec: SweepSpec, out: Path, planned: list[Planned]) -> None:
                                     "trials": trials})
 
 
+#: how many times a trial whose worker process died is run again, by default
+RETRIES = 2
+
+
 def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, extra: list[str] | None = None,
               engine: str = "local", workers: int | None = None, address: str | None = None,
-              compare: bool = True) -> SweepResult:
+              compare: bool = True, retries: int = RETRIES) -> SweepResult:
     """Run (or continue) the sweep and write its comparison table.
 
-    A trial whose worker process dies (or, with Ray, whose worker or node fails) is recorded as
+    A trial whose worker process dies (or, with Ray, whose worker or node fails) is run again,
+    continuing from its last checkpoint, at most ``retries`` times; after that it is recorded as
     failed and the others go on. With Ray the run directories (and the ``output_dir`` of new runs)
     are absolute paths: the workers may run in another folder or on other machines."""
     out = Path(out_dir if out_dir is not None else spec.output_dir or Path("sweeps") / spec.name)
@@ -191,23 +211,38 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, extra: list[st
     _save_state(spec, out, planned)
     payloads = [{"name": p.trial.name, "config": p.config, "run_dir": str(p.run_dir),
                  "action": p.action} for p in todo]
-    for k, (i, res) in enumerate(run_jobs(run_trial, payloads, engine=engine, workers=workers,
-                                          address=address, on_crash=_crashed), start=1):
-        p = todo[i]
-        p.status = "done" if res["ok"] else "failed"
-        p.seconds, p.error, p.host = res["seconds"], res.get("error"), res.get("host")
-        if res["ok"]:
-            log.info("[%d/%d] %s done (%s, %.0f s)", k, len(todo), p.trial.name, p.action,
-                     p.seconds)
-        else:
-            log.warning("[%d/%d] %s failed: %s", k, len(todo), p.trial.name, p.error)
-            if res.get("traceback"):
-                log.debug(res["traceback"])
-        _save_state(spec, out, planned)
+    attempts = [1] * len(todo)
+
+    def again(i: int, why: str) -> None:
+        attempts[i] += 1
+        log.warning("%s: %s; running it again, from its last checkpoint", todo[i].trial.name,
+                    why)
+
+    jobs = run_jobs(run_trial, payloads, engine=engine, workers=workers, address=address,
+                    on_crash=_crashed, retries=retries, on_retry=again)
+    with contextlib.closing(jobs):  # an interruption stops the workers before it goes on
+        for k, (i, res) in enumerate(jobs, start=1):
+            _finished(todo[i], {**res, "attempts": attempts[i]}, k, len(todo))
+            _save_state(spec, out, planned)
     result = SweepResult(out, planned)
     if compare:
         _compare(spec, result)
     return result
+
+
+def _finished(p: Planned, res: dict[str, Any], k: int, total: int) -> None:
+    """Record a trial's result (and log it)."""
+    p.status = "done" if res["ok"] else "failed"
+    p.seconds, p.error, p.host = res["seconds"], res.get("error"), res.get("host")
+    p.attempts = int(res.get("attempts", 1))
+    p.resumed_from = res.get("resumed_from")
+    if res["ok"]:
+        log.info("[%d/%d] %s done (%s, %.0f s)", k, total, p.trial.name,
+                 res.get("action", p.action), p.seconds)
+    else:
+        log.warning("[%d/%d] %s failed: %s", k, total, p.trial.name, p.error)
+        if res.get("traceback"):
+            log.debug(res["traceback"])
 
 
 def _compare(spec: SweepSpec, result: SweepResult) -> None:
