@@ -15,7 +15,7 @@ from torch import nn
 
 from ..attacks.autoattack import near_queries
 from ..config import RunConfig, apply_override, build_config
-from ..engine.protocol import STATE_FILE
+from ..engine.protocol import STATE_FILE  # noqa: F401 - re-exported
 from ..errors import UserError
 from ._common import class_table, echo_err, setup_logging
 
@@ -88,7 +88,11 @@ def eval_cmd(run_dir: Path | None, attacks: str | None, overrides: tuple[str, ..
     Cost, 1,000 MNIST-5k images with the SmallCNN on one CPU core: PGD-20 or CW-20 about 35 s
     each; AutoAttack (standard: 100 iterations, 9 target classes, Square with 5,000 queries)
     tens of minutes. Use --n for a quick look; the progress bar counts model passes."""
-    setup_logging(quiet)
+    from ..engine.distributed import world_from_env
+
+    first = world_from_env()[0] == 0  # under torchrun only the first process draws and prints
+    setup_logging(quiet or not first)
+    quiet = quiet or not first
     ov = list(overrides) + _shortcuts(eps, norm, n, batch_size, data_root)
     if zoo_name is not None:
         if run_dir is not None or checkpoint is not None:
@@ -99,6 +103,8 @@ def eval_cmd(run_dir: Path | None, attacks: str | None, overrides: tuple[str, ..
     if checks:
         return _print_checks(target, quiet, as_json)
     summary, saved = _evaluate(target, attacks, resume, quiet)
+    if not first:
+        return 0
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

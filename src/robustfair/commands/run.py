@@ -73,6 +73,7 @@ def train_run(cfg: Any, run_dir: Path | None = None, resume: bool = False, force
     from ..data import load_data
     from ..engine import distributed
     from ..engine.history import record_resume_changes
+    from ..engine.integrity import check_resumable
     from ..engine.lock import run_lock
     from ..engine.trainer import Trainer, prepare_run_dir, settle_checkpoints
 
@@ -80,6 +81,8 @@ def train_run(cfg: Any, run_dir: Path | None = None, resume: bool = False, force
     if resume and not (target / "config.yaml").exists():
         raise UserError(f"nothing to resume: {str(target)!r} has no run; drop --resume")
     is_main = distributed.world_from_env()[0] == 0
+    if resume and is_main:  # a checkpoint refused leaves the run as it was, its lock included
+        check_resumable(target)
     with run_lock(target, enabled=is_main):
         if resume and is_main:
             settle_checkpoints(target)

@@ -3,6 +3,7 @@ predictions and groups; every figure is derived from it, and it is saved beside 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from ..attacks import Attack, build_attack
 from ..attacks.base import eval_mode
 from ..metrics import class_summary
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json, pending_path, write_error
 
 
 @dataclass
@@ -83,8 +84,19 @@ class EvalResult:
         if self.groups is not None:
             arrays["groups"] = self.groups.cpu().numpy().astype(np.int32)
         np.savez_compressed(buf, **arrays)
-        atomic_write_bytes(folder / f"{name}_matrix.npz", buf.getvalue())
-        atomic_write_json(folder / f"{name}.json", summ)
+        # the pair or neither: the matrix waits beside the old one until the summary is written
+        matrix = folder / f"{name}_matrix.npz"
+        pending = pending_path(matrix)
+        atomic_write_bytes(pending, buf.getvalue())
+        try:
+            atomic_write_json(folder / f"{name}.json", summ)
+        except BaseException:
+            pending.unlink(missing_ok=True)
+            raise
+        try:
+            os.replace(pending, matrix)
+        except OSError as exc:
+            raise write_error(matrix, exc) from None
         return summ
 
     @classmethod

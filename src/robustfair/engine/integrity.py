@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .io import pending_path, sha256_file
+from .io import load_checkpoint, pending_path, read_jsonl, sha256_file
 
 
 def verify_checkpoint(path: str | Path) -> None:
@@ -28,3 +28,28 @@ def verify_checkpoint(path: str | Path) -> None:
                             f"complete it")
         raise UserError(f"checkpoint {str(path)!r} does not match its recorded sha256 (modified "
                         f"or corrupted); restore the file or retrain")
+
+
+def check_resumable(run_dir: str | Path) -> None:
+    """Before a run is resumed, and before anything in it changes (its lock included): the
+    checkpoint it would continue from - ``checkpoints/last.pt``, or the complete write of it
+    that an interrupted save left pending - matches its recorded sha256 and loads (tensors
+    only), and ``log.jsonl`` has no damaged line (other than a torn last one). Raise the
+    one-line :class:`UserError` of the first problem."""
+    log_path = Path(run_dir) / "log.jsonl"
+    if log_path.exists():
+        read_jsonl(log_path)
+    ck = Path(run_dir) / "checkpoints" / "last.pt"
+    pending = pending_path(ck)
+    if pending.exists():
+        try:
+            want = json.loads(ck.with_suffix(".json").read_text()).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            want = None
+        if want and sha256_file(pending) == want:  # --resume installs it
+            load_checkpoint(pending, mmap=True)
+            return
+    if not ck.exists():
+        return
+    verify_checkpoint(ck)
+    load_checkpoint(ck, mmap=True)

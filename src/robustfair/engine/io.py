@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
 import re
@@ -29,11 +28,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
@@ -43,6 +43,56 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise write_error(path, exc) from None
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a full disk raises ``OSError(ENOSPC)``)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line (``line`` plus a newline) to a text file such as ``log.jsonl``: all of it
+    or nothing. A write that fails (a full disk, no permission) cuts the file back to its
+    previous length, so no torn line is left, and is a one-line :class:`UserError`."""
+    path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666 & ~current_umask())
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    size = os.fstat(fd).st_size
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise write_error(path, exc) from None
+    finally:
+        os.close(fd)
+
+
+def probe_writable(folder: str | Path) -> Path:
+    """Make sure files can be written in ``folder`` (created if needed) by creating and
+    removing a temporary file there; a one-line :class:`UserError` if not. Commands call it
+    before long work whose results go there."""
+    folder = make_dir(folder)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+        try:
+            _write_all(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise write_error(folder, exc, folder=True) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return folder
+
+
 def current_umask() -> int:
     """The process's umask (read by setting it and putting it back)."""
     mask = os.umask(0o022)
@@ -50,15 +100,19 @@ def current_umask() -> int:
     return mask
 
 
-def write_error(path: str | Path, exc: OSError) -> UserError:
-    """The one-line error for a file or folder that cannot be written."""
-    if exc.errno == errno.ENOSPC:
-        return UserError(f"no space left on the device writing {path}; free disk space and "
-                         f"resume with --resume")
+def write_error(path: str | Path, exc: OSError, folder: bool = False) -> UserError:
+    """The one-line error for a file or folder that cannot be written (``folder``: files cannot
+    be written in the folder ``path``). A file written atomically keeps its previous content."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "in" if folder else "writing"
+        return UserError(f"no space left on the device {what} {path}; the previous file is "
+                         f"kept — free disk space and run the command again (with --resume "
+                         f"to continue a training or an evaluation)")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         where = exc.filename or path
-        if exc.filename and Path(exc.filename).name.startswith(f".{Path(path).name}."):
-            where = Path(path).parent  # the temporary file beside it: the folder is the problem
+        if exc.filename and Path(exc.filename).name.startswith(
+                (f".{Path(path).name}.", ".write-probe.")):
+            where = Path(path) if folder else Path(path).parent  # the folder is the problem
         return UserError(f"cannot write {path}: permission denied on {where}; choose a "
                          f"writable output folder or fix its permissions")
     return UserError(f"cannot write {path}: {exc.strerror or exc}")
@@ -159,8 +213,10 @@ def finish_interrupted_save(path: str | Path) -> None:
         raise write_error(path, exc) from None
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True`` (tensors and plain containers only: no code runs).
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False
+                    ) -> dict[str, Any]:
+    """Load with ``weights_only=True`` (tensors and plain containers only: no code runs);
+    ``mmap``: map the tensors' bytes instead of reading them (a cheap check of the file).
 
     Every way a file can be wrong ends in a :class:`UserError` naming the problem and the fix."""
     path = Path(path)
@@ -185,7 +241,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if path.suffix == ".safetensors":
         return _load_safetensors(path, map_location)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True,
+                         **({"mmap": True} if mmap else {}))
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
@@ -224,3 +281,31 @@ def _load_safetensors(path: Path, map_location: Any) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"{str(path)!r} is not a valid safetensors file ({exc}); use an intact "
                         f"file") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file such as ``log.jsonl``. A torn last line (a process
+    killed while appending it) is left out; a damaged line before it, or a line that is not a
+    JSON object, is a one-line :class:`UserError` naming the file and the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is damaged (not UTF-8 text); restore it from a copy, or "
+                        f"delete it (only the record of past epochs is lost)") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    numbered = [(i + 1, t) for i, t in enumerate(lines) if t.strip()]
+    out = []
+    for k, (no, text) in enumerate(numbered):
+        try:
+            rec = json.loads(text)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            if k == len(numbered) - 1 and not text.rstrip().endswith("}"):
+                continue  # torn by a kill while it was appended
+            raise UserError(f"{path} is damaged (line {no} is not a JSON record); repair or "
+                            f"delete that line") from None
+        out.append(rec)
+    return out

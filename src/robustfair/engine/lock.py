@@ -206,3 +206,58 @@ def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[Path | None]
                 folder.rmdir()
             except OSError:
                 break
+
+
+EVAL_LOCK = "eval.lock"
+
+
+@contextlib.contextmanager
+def eval_lock(folder: str | Path, enabled: bool = True) -> Iterator[Path | None]:
+    """Hold the lock of an evaluation folder (``RUN/eval`` or ``--out``) while an evaluation
+    writes into it: a second evaluation of the same folder stops at once with one line naming
+    the process that holds it, instead of both merging into one record. A killed holder's lock
+    is free again (the operating system drops its ``flock``). A no-op when ``enabled`` is false
+    or where ``fcntl`` does not exist."""
+    if not enabled or fcntl is None:
+        yield None
+        return
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder, exc, folder=True) from None
+    path = folder / EVAL_LOCK
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+             "started": _start_ticks(os.getpid()), "command": "eval"}
+    fd = None
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            held = read_lock(path)
+            who = _describe(held) if held is not None else "another process"
+            raise UserError(f"{folder} is being written by another evaluation, {who}; wait "
+                            f"for it to finish, or give this one another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # released and removed between our open and our flock: try again
+        fd = None
+    if fd is None:
+        raise UserError(f"cannot take the lock {path}: other evaluations keep creating it")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(owner) + "\n").encode("utf-8"), 0)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # removed while still locked, so no one takes the old file
+        os.close(fd)

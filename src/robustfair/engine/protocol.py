@@ -111,19 +111,30 @@ def evaluate_images(model: nn.Module, split: Any, attacks: list[str], eps: float
     # a distributed evaluation is not resumable: its batches are spread over the processes
     state = Path(out_dir) / STATE_FILE if out_dir is not None and not distributed.active() \
         else None
-    res = evaluate_staged(model, split, attacks, eps, norm, num_classes, batch_size, step_size,
-                          device, seed, state_path=state, resume=resume, fingerprint=fp,
-                          quiet=quiet, bounded=bounded, layout=layout,
-                          precision=precision, fold_bn=fold_bn)
-    res.settings.update({**describe, "batch_size": batch_size, "step_size": step_size,
-                         "subset": subset, "versions": package_versions(device),
-                         **(fingerprint or {})})
-    saved = None
-    if out_dir is not None and distributed.rank() == 0:
-        from .record import record_evaluation
+    writes = out_dir is not None and distributed.rank() == 0  # the first process writes
+    if writes:  # before the work: a folder that cannot be written, or a damaged record
+        from .io import probe_writable
+        from .record import check_record
 
-        _, folder = record_evaluation(Path(out_dir), res, primary=primary)
-        saved = folder / "summary.json"
+        probe_writable(out_dir)
+        check_record(Path(out_dir))
+    from .lock import eval_lock
+
+    with eval_lock(out_dir or ".", enabled=writes):  # one evaluation writes a folder at once
+        res = evaluate_staged(model, split, attacks, eps, norm, num_classes, batch_size,
+                              step_size, device, seed, state_path=state, resume=resume,
+                              fingerprint=fp, quiet=quiet or distributed.rank() != 0,
+                              bounded=bounded, layout=layout, precision=precision,
+                              fold_bn=fold_bn)
+        res.settings.update({**describe, "batch_size": batch_size, "step_size": step_size,
+                             "subset": subset, "versions": package_versions(device),
+                             **(fingerprint or {})})
+        saved = None
+        if writes:
+            from .record import record_evaluation
+
+            _, folder = record_evaluation(Path(out_dir), res, primary=primary)
+            saved = folder / "summary.json"
     distributed.barrier()
     return res, saved
 

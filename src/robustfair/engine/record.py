@@ -26,11 +26,13 @@ import json
 import logging
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import UserError
 from .evaluator import EvalResult
 from .io import atomic_write_json
 from .staged import precision_used
@@ -64,6 +66,48 @@ def key_slug(key: dict[str, Any]) -> str:
     n = key.get("n_images", "")
     return f"{key.get('norm')}-eps{eps_s}{f'-n{n}' if n else ''}-seed{key.get('seed')}-" \
            f"{digest[:8]}"
+
+
+#: what reading a damaged ``summary_matrix.npz`` raises (numpy: a torn zip, a missing array)
+MATRIX_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def damaged(path: Path, why: str, fix: str) -> UserError:
+    return UserError(f"{path} is damaged ({why}); {fix}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+def check_record(eval_dir: Path) -> None:
+    """Before an evaluation is added to the record in ``eval_dir``: every ``summary.json`` and
+    ``summary_matrix.npz`` there (and in its evaluation folders) reads, else a one-line
+    :class:`UserError` naming the file (the evaluation would replace what it holds). A damaged
+    ``index.json`` is no obstacle: it is rebuilt from the folders."""
+    eval_dir = Path(eval_dir)
+    if not eval_dir.is_dir():
+        return
+    folders = [eval_dir] + sorted(p for p in eval_dir.iterdir() if p.is_dir())
+    fix = ("restore it from a copy, or move it (and the other file of its pair) out of the "
+           "folder to evaluate again")
+    for folder in folders:
+        summary, matrix = folder / SUMMARY, folder / MATRIX
+        if summary.exists():
+            try:
+                settings = json.loads(summary.read_text(encoding="utf-8"))["settings"]
+                if not isinstance(settings, dict):
+                    raise ValueError("its settings are not a mapping")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                why = "no settings" if isinstance(exc, KeyError | TypeError) else \
+                    _first_line(exc)
+                raise damaged(summary, why, fix) from None
+        if matrix.exists():
+            try:
+                EvalResult.load(matrix)
+            except MATRIX_ERRORS as exc:
+                raise damaged(matrix, _first_line(exc), fix) from None
 
 
 def _read_settings(folder: Path) -> dict[str, Any] | None:
@@ -139,7 +183,7 @@ def record_evaluation(eval_dir: Path, result: EvalResult, primary: bool = False
         try:
             old = EvalResult.load(folder / MATRIX, here)
             result, _ = merge(old, result)
-        except (OSError, ValueError, KeyError):
+        except MATRIX_ERRORS:
             log.warning("%s could not be merged; it is kept as %s", folder / MATRIX,
                         folder / "summary_previous.json")
             shutil.copy(folder / SUMMARY, folder / "summary_previous.json")
@@ -148,29 +192,57 @@ def record_evaluation(eval_dir: Path, result: EvalResult, primary: bool = False
     return summary, folder
 
 
+def _read_index(eval_dir: Path) -> dict[str, Any] | None:
+    """``index.json``, or None when it is missing or damaged (not JSON, not an index)."""
+    try:
+        index = json.loads((eval_dir / INDEX).read_text(encoding="utf-8"))
+        entries = index["evaluations"]
+        if not all(isinstance(e, dict) and isinstance(e["summary"], str) for e in entries):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return index
+
+
+def _entry(eval_dir: Path, summary_path: Path) -> dict[str, Any]:
+    """The index entry of an evaluation, from its ``summary.json``."""
+    st = _read_settings(summary_path.parent) or {}
+    return {"summary": str(summary_path.relative_to(eval_dir)), "key": evaluation_key(st),
+            "n": st.get("n"), "attacks": [a["attack"] for a in st.get("attacks", [])]}
+
+
+def _entries(eval_dir: Path, index: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The index's entries whose summary exists, plus every evaluation found in the folders
+    that it does not list (a main evaluation moved aside; all of them when the index is
+    missing or damaged)."""
+    known = {e["summary"]: e for e in (index or {}).get("evaluations", []) if
+             (eval_dir / e["summary"]).exists()}
+    for sub in [eval_dir / SUMMARY, *sorted(eval_dir.glob(f"*/{SUMMARY}"))]:
+        r = str(sub.relative_to(eval_dir))
+        if r not in known and sub.exists():
+            known[r] = _entry(eval_dir, sub)
+    return known
+
+
+def _ordered(known: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(known.values(), key=lambda e: (e["summary"] != SUMMARY, e["summary"]))
+
+
 def _update_index(eval_dir: Path, folder: Path, summary: dict[str, Any]) -> None:
     path = eval_dir / INDEX
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        index = {"main": SUMMARY, "evaluations": []}
+    index = _read_index(eval_dir)
+    if index is None and path.exists():
+        log.warning("%s was damaged; rebuilt from the evaluations in %s", path, eval_dir)
     rel = str((folder / SUMMARY).relative_to(eval_dir))
     s = summary.get("settings", {})
     entry = {"summary": rel, "key": evaluation_key(s), "n": summary.get("n"),
              "attacks": list(summary.get("attacks", {})),
              "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    known = {e["summary"]: e for e in index.get("evaluations", []) if
-             (eval_dir / e["summary"]).exists()}
+    known = _entries(eval_dir, index)
     known[rel] = entry
-    for sub in eval_dir.glob(f"*/{SUMMARY}"):  # a main evaluation moved aside
-        r = str(sub.relative_to(eval_dir))
-        if r not in known:
-            st = _read_settings(sub.parent) or {}
-            known[r] = {"summary": r, "key": evaluation_key(st), "n": st.get("n"),
-                        "attacks": [a["attack"] for a in st.get("attacks", [])]}
-    index["evaluations"] = sorted(known.values(), key=lambda e: (e["summary"] != SUMMARY,
-                                                                 e["summary"]))
-    atomic_write_json(path, index)
+    out = {"main": SUMMARY, **(index or {})}
+    out["evaluations"] = _ordered(known)
+    atomic_write_json(path, out)
 
 
 def describe_evaluation(settings: dict[str, Any], where: str = "eval/summary.json") -> str:
@@ -191,13 +263,17 @@ def describe_evaluation(settings: dict[str, Any], where: str = "eval/summary.jso
 
 
 def list_evaluations(eval_dir: Path) -> list[dict[str, Any]]:
-    """The entries of ``eval/index.json`` (empty when there is none)."""
-    try:
-        return list(json.loads((Path(eval_dir) / INDEX).read_text(encoding="utf-8"))
-                    .get("evaluations", []))
-    except (OSError, ValueError):
-        return []
+    """The entries of ``eval/index.json``; when it is missing or damaged, those found in the
+    evaluation folders (empty when there are none)."""
+    eval_dir = Path(eval_dir)
+    index = _read_index(eval_dir)
+    if index is not None:
+        return list(index["evaluations"])
+    if (eval_dir / INDEX).exists():
+        log.warning("%s is damaged; the evaluations are listed from the folders (the next "
+                    "'robustfair eval' rewrites it)", eval_dir / INDEX)
+    return _ordered(_entries(eval_dir, None)) if eval_dir.is_dir() else []
 
 
-__all__ = ["describe_evaluation", "evaluation_key", "list_evaluations", "merge",
+__all__ = ["check_record", "describe_evaluation", "evaluation_key", "list_evaluations", "merge",
            "record_evaluation"]

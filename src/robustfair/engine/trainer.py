@@ -34,8 +34,16 @@ from ..samplers import SAMPLERS
 from ..weights import WEIGHTS
 from . import distributed
 from .evaluator import EvalResult, evaluate
-from .io import (atomic_write_text, finish_interrupted_save, load_checkpoint, make_dir,
-                 save_with_sidecar, sha256_file)
+from .io import (
+    append_line,
+    atomic_write_text,
+    finish_interrupted_save,
+    load_checkpoint,
+    make_dir,
+    read_jsonl,
+    save_with_sidecar,
+    sha256_file,
+)
 from .progress import EvalProgress
 from .schedule import lr_at
 
@@ -330,6 +338,7 @@ class Trainer:
         log_path = self.run_dir / "log.jsonl"
         if not log_path.exists():
             return
+        read_jsonl(log_path)  # a damaged line (not a torn last one) is refused
         keep = []
         for line in log_path.read_text(encoding="utf-8").splitlines():
             try:
@@ -564,8 +573,7 @@ class Trainer:
         self._gather_sums([])
         if self.is_main:
             # the log line first, then the checkpoint: a kill in between re-runs this epoch
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line, default=float) + "\n")
+            append_line(log_path, json.dumps(line, default=float))
             self.save("last", is_best=is_best)
             if is_best:
                 self._copy_best()

@@ -81,18 +81,11 @@ def read_json(path: Path) -> Any:
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
-    """The lines of ``log.jsonl``; a truncated last line (interrupted run) is ignored."""
-    lines: list[dict[str, Any]] = []
-    if not path.exists():
-        return lines
-    for i, text in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not text.strip():
-            continue
-        try:
-            lines.append(json.loads(text))
-        except ValueError:
-            log.warning("%s: line %d is not JSON; ignored", path, i + 1)
-    return lines
+    """The lines of ``log.jsonl``; a torn last line (interrupted run) is left out, a damaged
+    line before it is a one-line :class:`UserError` (see :func:`robustfair.engine.io.read_jsonl`)."""
+    from ..engine.io import read_jsonl
+
+    return read_jsonl(path) if path.exists() else []
 
 
 def load_run(run_dir: str | Path) -> RunFiles:
@@ -128,12 +121,15 @@ def load_run(run_dir: str | Path) -> RunFiles:
 
 def _load_matrix(path: Path, rf: RunFiles) -> Any:
     from ..engine.evaluator import EvalResult
+    from ..engine.record import MATRIX_ERRORS
 
     try:
         return EvalResult.load(path, (rf.summary or {}).get("settings"))
-    except (OSError, ValueError, KeyError) as exc:
-        rf.problems.append(f"{path.name} could not be read ({exc})")
-        return None
+    except MATRIX_ERRORS as exc:
+        text = str(exc).strip().splitlines()
+        raise UserError(f"{path} is damaged ({(text[0] if text else type(exc).__name__)[:160]}); "
+                        f"restore it from a copy, or evaluate the run again after moving "
+                        f"eval/summary.json and it out of the folder") from None
 
 
 def find_similarity_json(run_dir: Path, num_classes: int) -> tuple[str, dict[str, Any]] | None:
