@@ -22,12 +22,13 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 #: pytest-timeout's, which it sets and restores around each test itself.
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGCHLD",
                                               "SIGUSR1", "SIGUSR2", "SIGPIPE") if hasattr(signal, n))
-#: environment variables a dependency sets once, when it is first imported (not a test's
-#: doing): torch's inductor names its cache folder, scikit-learn and joblib set two OpenMP
-#: switches, Ray its client mode; pytest names the running test
-_ENV_SET_BY_DEPENDENCIES = frozenset({"TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK",
-                                      "KMP_INIT_AT_FORK", "RAY_CLIENT_MODE",
-                                      "PYTEST_CURRENT_TEST"})
+#: environment variables a dependency sets once, when it is first imported or used (not a
+#: test's doing): torch's inductor its cache folder and a switch of torch.compile,
+#: scikit-learn and joblib two OpenMP switches, Ray its client mode; pytest the running test
+_ENV_SET_BY_DEPENDENCIES = frozenset({"TORCHINDUCTOR_CACHE_DIR",
+                                      "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+                                      "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",
+                                      "RAY_CLIENT_MODE", "PYTEST_CURRENT_TEST"})
 
 
 def _registries() -> dict[str, dict[str, object]]:

@@ -5,6 +5,7 @@ convention, and ``--checks``."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -36,13 +37,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run_dir(one_thread, tmp_path_factory):
+def trained_run(one_thread, tmp_path_factory):
     """A small run on digits (an MLP trained with 2-step PGD for 3 epochs)."""
     cfg = load_config(recipe="mnist5k-standard",
                       overrides=[*TINY, f"output_dir={tmp_path_factory.mktemp('runs')}"])
     t = Trainer(cfg, prepare_run_dir(cfg), quiet=True)
     t.fit()
     return t.run_dir
+
+
+@pytest.fixture
+def run_dir(trained_run, tmp_path):
+    """A copy of the trained run for one test: what one test evaluates and stores in it is not
+    seen by the next, whatever their order."""
+    copy = tmp_path / "shared-run" / trained_run.name
+    shutil.copytree(trained_run, copy)
+    return copy
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ checks saved and shown in the report, and the Python API of the README."""
 from __future__ import annotations
 
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -31,13 +32,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def trained(tmp_path_factory):
     """An MLP trained for one epoch on 300 digits; final evaluation on eval.n=100."""
     cfg = load_config(recipe="mnist5k-standard",
                       overrides=[*TINY, f"output_dir={tmp_path_factory.mktemp('runs')}"])
     path = rf.train(cfg)
     first = json.loads((path / "eval" / "summary.json").read_text())
     return path, first
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    """A copy of the trained run for one test (what a test evaluates into it stays there)."""
+    path, first = trained
+    copy = tmp_path / "shared-run" / path.name
+    shutil.copytree(path, copy)
+    return copy, first
 
 
 def _per_class_counts(indices, labels):

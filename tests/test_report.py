@@ -121,8 +121,17 @@ def missing(page: _Page, sid: str) -> bool:
 
 
 # ------------------------------------------------------------------------------ a real run
+@pytest.fixture
+def real_run(built_run: Path, tmp_path: Path) -> Path:
+    """A copy of the reported run for one test: a test that rebuilds the report or evaluates
+    again changes only its copy, whatever order the tests run in."""
+    copy = tmp_path / "shared-run" / built_run.name
+    shutil.copytree(built_run, copy)
+    return copy
+
+
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def built_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two epochs of TRADES on a small MLP on digits, evaluated with clean, PGD-3 and FGSM."""
     from robustfair.commands.run import train_run
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,8 +58,16 @@ def base(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("safety")
 
 
+@pytest.fixture
+def trained(trained_once: Path, tmp_path: Path) -> Path:
+    """A copy of the trained run for one test (what a test writes into it stays in its copy)."""
+    copy = tmp_path / "shared-run" / trained_once.name
+    shutil.copytree(trained_once, copy)
+    return copy
+
+
 @pytest.fixture(scope="module")
-def trained(base: Path) -> Path:
+def trained_once(base: Path) -> Path:
     """A 1-epoch run, evaluated, written under umask 022."""
     from robustfair.cli import main
 
@@ -337,7 +346,8 @@ def test_poor_messages_are_now_clear(trained, tmp_path, capsys):
 
     # train --check says where the run would be written
     code, out, _ = run_cli(["train", str(trained / "config.yaml"), "--check"], capsys)
-    assert code == 0 and f"# run directory: {trained}" in out
+    stored = yaml.safe_load((trained / "config.yaml").read_text())
+    assert code == 0 and f"# run directory: {Path(stored['output_dir']) / stored['name']}" in out
 
 
 def test_nan_stop_has_no_torch_warning(tmp_path):

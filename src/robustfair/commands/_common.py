@@ -10,10 +10,27 @@ from typing import Any
 import click
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not to the stream it was
+    when the handler was made: a command run from Python (a notebook, a test capturing
+    output) leaves no handler writing to a stream that has since been closed."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def setup_logging(quiet: bool) -> None:
     logger = logging.getLogger("robustfair")
     logger.handlers.clear()
-    h = logging.StreamHandler(sys.stderr)
+    h = _StderrHandler()
     h.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(h)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
