@@ -87,7 +87,7 @@ class EvalResult:
         # the pair or neither: the matrix waits beside the old one until the summary is written
         matrix = folder / f"{name}_matrix.npz"
         pending = pending_path(matrix)
-        atomic_write_bytes(pending, buf.getvalue())
+        atomic_write_bytes(pending, buf.getvalue(), shown=matrix)
         try:
             atomic_write_json(folder / f"{name}.json", summ)
         except BaseException:

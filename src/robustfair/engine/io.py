@@ -17,12 +17,12 @@ import torch
 from ..errors import UserError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, shown: str | Path | None = None) -> None:
     """Write to a temporary file in the same folder, fsync, rename: never a truncated file.
 
     The file gets the permissions that the umask gives a new file (0644 under umask 022), as
     ``open`` would; every failure (a read-only folder, a full disk) is a one-line
-    :class:`UserError`."""
+    :class:`UserError` (naming ``shown``, else ``path``)."""
     path = Path(path)
     tmp: str | None = None
     try:
@@ -40,7 +40,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise write_error(path, exc) from None
+        if shown is not None and exc.filename and Path(exc.filename).parent == path.parent:
+            exc.filename = str(path.parent / f".{Path(shown).name}.tmp")  # the folder's fault
+        raise write_error(shown if shown is not None else path, exc) from None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -181,7 +183,7 @@ def save_with_sidecar(path: str | Path, data: bytes, meta: dict[str, Any]) -> st
     path = Path(path)
     digest = sha256_bytes(data)
     pending = pending_path(path)
-    atomic_write_bytes(pending, data)
+    atomic_write_bytes(pending, data, shown=path)
     atomic_write_json(path.with_suffix(".json"), {"sha256": digest,
                                                **{k: v for k, v in meta.items() if k != "sha256"}})
     try:

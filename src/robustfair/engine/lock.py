@@ -187,6 +187,14 @@ def release(path: Path) -> None:
         os.close(fd)
 
 
+def release_all() -> None:
+    """Release every lock this process holds (a worker process told to stop, just before it
+    exits: its runs are left unlocked, not with a stale lock)."""
+    for path in list(_HELD):
+        with contextlib.suppress(OSError):
+            release(Path(path))
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[Path | None]:
     """Hold the training lock of ``run_dir`` for the duration of the block (a no-op when

@@ -60,10 +60,21 @@ def default_workers() -> int:
     return gpus if gpus else max(1, cpu_count() // 2)
 
 
+def _worker_stop(signum: int, frame: Any) -> None:
+    """SIGTERM in a pool worker (the pool is being stopped): release the run locks the job
+    holds and exit at once. Its files are written atomically, so what it saved stays whole."""
+    from ..engine.lock import release_all
+
+    release_all()
+    os._exit(128 + signum)
+
+
 def _worker_init(slots: Any, gpus: int, threads: int, started: Any = None) -> None:
-    """Pin a pool worker to one GPU (by the slot it draws) and to ``threads`` CPU threads."""
+    """Pin a pool worker to one GPU (by the slot it draws) and to ``threads`` CPU threads; on
+    SIGTERM it releases its locks and exits."""
     global _started
     _started = started
+    signal.signal(signal.SIGTERM, _worker_stop)
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
