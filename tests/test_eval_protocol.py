@@ -6,8 +6,8 @@ checks saved and shown in the report, and the Python API of the README."""
 from __future__ import annotations
 
 import json
-import shutil
 import re
+import shutil
 from pathlib import Path
 
 import pytest
