@@ -375,13 +375,35 @@ def test_damaged_record_files_are_refused_with_one_line(trained, tmp_path, capsy
         assert _snapshot(run) == before, name  # nothing replaced what the damaged file held
 
 
-def test_a_damaged_evaluation_state_is_refused_on_resume(trained, tmp_path, capsys):
+def test_a_damaged_evaluation_state_is_refused_on_resume(trained, tmp_path, capsys,
+                                                        monkeypatch):
+    from robustfair.engine import staged
+
     run = _copy(trained, tmp_path)
     state = run / "eval" / "eval_state.json"
-    state.write_text('{"format": "robustfair-eval-state", "rows": {"clean": {"cor')
-    code, _, err = run_cli(["eval", str(run), "--attack", "fgsm", "--n", "60", "--resume",
-                            "-q"], capsys)
-    assert code == 2 and "eval_state.json" in _one_line(err)
+    argv = ["eval", str(run), "--attack", "fgsm,pgd3", "--n", "60", "--resume", "-q"]
+    # a real state, left by an evaluation interrupted after its first attacks
+    real = staged.EvalState.finish
+
+    def stop_after_fgsm(self, row, *a):  # noqa: ANN001, ANN002
+        real(self, row, *a)
+        if row == "fgsm":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(staged.EvalState, "finish", stop_after_fgsm)
+    assert run_cli(argv, capsys)[0] == 130
+    monkeypatch.undo()
+    whole = state.read_text()
+    flags = json.loads(whole)["rows"]["fgsm"]["correct"]
+    damaged = {"truncated": whole[: len(whole) // 2],
+               "flags overwritten": whole.replace(flags, "x" * len(flags)),
+               "not an object": "[1, 2]"}
+    for what, text in damaged.items():
+        state.write_text(text)
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and "eval_state.json" in _one_line(err), what
+    state.write_text(whole)  # the intact state resumes
+    assert run_cli(argv, capsys)[0] == 0
 
 
 def test_a_damaged_index_is_rebuilt_from_the_evaluation_folders(trained, tmp_path, capsys):

@@ -94,6 +94,8 @@ class EvalState:
             return st
         try:
             raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError):
             raise UserError(f"the evaluation state {str(path)!r} is unreadable; delete it and "
                             f"run without --resume") from None
@@ -101,14 +103,18 @@ class EvalState:
             raise UserError(f"{str(path)!r} belongs to an evaluation with other settings "
                             f"(model, eps, norm, attacks, n or seed); run without --resume to "
                             f"start over")
-        for row, rec in raw.get("rows", {}).items():
-            st.rows[row] = _decode(rec, n)
-        st.checks = dict(raw.get("precision_checks") or {})
-        cur = raw.get("current")
-        if cur is not None:
-            c, p = _decode(cur, n)
-            st.current = {"row": cur["row"], "batches_done": int(cur["batches_done"]),
-                          "correct": c, "pred": p}
+        try:
+            for row, rec in raw.get("rows", {}).items():
+                st.rows[row] = _decode(rec, n)
+            st.checks = dict(raw.get("precision_checks") or {})
+            cur = raw.get("current")
+            if cur is not None:
+                c, p = _decode(cur, n)
+                st.current = {"row": cur["row"], "batches_done": int(cur["batches_done"]),
+                              "correct": c, "pred": p}
+        except (KeyError, TypeError, ValueError, AttributeError):  # valid JSON, damaged content
+            raise UserError(f"the evaluation state {str(path)!r} is damaged; delete it and run "
+                            f"without --resume") from None
         return st
 
     def done(self, row: str) -> bool:
@@ -155,6 +161,8 @@ def _decode(rec: dict[str, Any], n: int) -> tuple[Tensor, Tensor]:
     c, p = rec["correct"], rec["pred"]
     if len(c) != n or len(p) != n:
         raise UserError("the evaluation state does not match the data; run without --resume")
+    if not isinstance(c, str) or set(c) - {"0", "1"}:
+        raise ValueError("a row's flags are not 0 and 1")
     return torch.tensor([ch == "1" for ch in c], dtype=torch.bool), torch.tensor(p).long()
 
 
