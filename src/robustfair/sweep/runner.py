@@ -194,6 +194,7 @@ def _ray(fn: Callable[[Any], Any], payloads: Sequence[Any], address: str | None,
         raise UserError("--engine ray needs Ray; pip install 'robustfair[ray]' (or use the "
                         "default --engine local)") from None
     started = not ray.is_initialized()
+    environ = dict(os.environ)  # ray.init sets variables of its own in this process
     if started:
         handlers = _signal_handlers()
         try:
@@ -235,6 +236,9 @@ def _ray(fn: Callable[[Any], Any], payloads: Sequence[Any], address: str | None,
     finally:
         if started:
             ray.shutdown()
+            for key in set(os.environ) - set(environ):
+                del os.environ[key]
+            os.environ.update(environ)
 
 
 _SIGNALS = ("SIGTERM", "SIGINT")
