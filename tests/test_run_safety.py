@@ -9,9 +9,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -259,25 +259,37 @@ def test_files_honour_the_umask(trained, tmp_path):
 
 
 # ----------------------------------------------------------------------- 6: Ctrl-C
-def test_sigint_during_training_prints_the_resume_command_and_exits_130(tmp_path, capsys,
-                                                                       monkeypatch):
-    from robustfair.engine.trainer import Trainer
+#: a training process that sends itself SIGINT, as the terminal does on Ctrl-C, at its third
+#: step (after the checkpoint of step 2); run in a process of its own, so that what earlier
+#: tests did to this process (its signal handlers and masks, its threads) cannot change it
+_CTRL_C_AT_STEP_2 = """
+import os, signal, sys, time
+from robustfair.cli import main
+from robustfair.engine.trainer import Trainer
 
+original = Trainer.train_step
+
+def ctrl_c(self, idx, stats):
+    if self.global_step == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the default handler raises KeyboardInterrupt here
+    return original(self, idx, stats)
+
+Trainer.train_step = ctrl_c
+main(sys.argv[1:])
+"""
+
+
+def test_sigint_during_training_prints_the_resume_command_and_exits_130(tmp_path):
     cfg = write_cfg(tmp_path, epochs=3, checkpoint_every_steps=1)
     run = tmp_path / "runs" / "r"
-    original = Trainer.train_step
-
-    def ctrl_c(self, idx, stats):
-        if self.global_step == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # as the terminal sends it
-            time.sleep(1)  # the handler raises KeyboardInterrupt here
-        return original(self, idx, stats)
-
-    monkeypatch.setattr(Trainer, "train_step", ctrl_c)
-    code, _, err = run_cli(["train", str(cfg), "--set", "name=r", "--no-eval", "-q"], capsys)
-    assert code == 130, err
-    assert err.strip() == (f"interrupted; the run is saved up to epoch 0 + 2 steps; resume "
-                           f"with: robustfair train {run} --resume")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", _CTRL_C_AT_STEP_2, "train", str(cfg), "--set",
+                        "name=r", "--no-eval", "-q"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 130, p.stderr
+    assert p.stderr.strip() == (f"interrupted; the run is saved up to epoch 0 + 2 steps; resume "
+                                f"with: robustfair train {run} --resume")
     assert not (run / "train.lock").exists()
 
 
