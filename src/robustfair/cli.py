@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import logging
 import pkgutil
 import shlex
 import signal
@@ -75,16 +76,21 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes end in one line on stderr and exit code 2, never a traceback.
 
     SIGTERM is handled as Ctrl-C is (the same line on stderr, saying how to continue), with exit
-    status 143 instead of 130; the previous handler is put back on the way out."""
+    status 143 instead of 130; the previous handler is put back on the way out, and so is the
+    ``robustfair`` logger's configuration (a command run from Python leaves the process as it
+    found it)."""
     global _terminated
     _terminated = False
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    logger = logging.getLogger("robustfair")
+    logging_state = (list(logger.handlers), logger.level, logger.propagate)
     try:
         _main(argv)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+        logger.handlers[:], logger.level, logger.propagate = logging_state
 
 
 def _main(argv: list[str] | None) -> None:
